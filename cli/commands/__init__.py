@@ -1,0 +1,7 @@
+"""CLI command modules; each exposes register(app). Listed in the order shown by --help."""
+
+import importlib
+
+NAMES = ["info"]
+
+COMMANDS = [importlib.import_module(f"cli.commands.{name}") for name in NAMES]

@@ -1,0 +1,5 @@
+"""Model zoo. Importing this package registers every model with the registry."""
+
+from medgen.models.registry import create_model, list_models, register_model
+
+__all__ = ["create_model", "list_models", "register_model"]

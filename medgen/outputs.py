@@ -1,0 +1,86 @@
+"""Safe output: refuse existing folders, stage then rename, atomic file writes.
+
+Nothing half-written is ever left under a user's output path: folders are built under a hidden
+temporary sibling and renamed into place at the end; single files go through temp file + os.replace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from medgen.errors import MedgenError
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse an existing, non-empty output folder unless overwrite or resume is set.
+
+    Args:
+        path: the output folder.
+        overwrite: delete what is there (done only when the new output is complete).
+        resume: keep what is there and continue into it.
+    Returns:
+        The folder as a Path.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MedgenError(f"output path {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise MedgenError(f"output folder {out} already exists; pass --overwrite to replace it or --resume to continue")
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary sibling and move it to `path` only on success.
+
+    Args:
+        path: the final folder.
+        overwrite: replace an existing folder at `path` once the new one is complete.
+    Yields:
+        The temporary folder to write into.
+    """
+    out = check_output_dir(path, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to `path` via a temp file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON (indented, trailing newline) atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

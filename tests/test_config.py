@@ -1,0 +1,47 @@
+import pytest
+
+from medgen.config import PRESETS, config_from_dict, load_config, override, preset_path
+from medgen.errors import MedgenError
+
+
+def test_presets_load():
+    for name in PRESETS:
+        assert preset_path(name).is_file()
+        cfg = load_config(name)
+        assert cfg.train.iterations > 0
+
+
+def test_unknown_key_suggests(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  iteratons: 5\n")
+    with pytest.raises(MedgenError, match=r"unknown key 'train.iteratons'.*iterations"):
+        load_config(p)
+
+
+def test_mistyped_value():
+    with pytest.raises(MedgenError, match="train.batch_size must be an integer"):
+        config_from_dict({"train": {"batch_size": "four"}})
+    with pytest.raises(MedgenError, match="cv.fractions"):
+        config_from_dict({"cv": {"fractions": "half"}})
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(MedgenError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(MedgenError):
+        load_config(p)
+
+
+def test_override_wins_and_checks_types():
+    cfg = config_from_dict({"train": {"iterations": 100}})
+    override(cfg, train__iterations=7, seed=None)
+    assert cfg.train.iterations == 7 and cfg.seed == 0
+    with pytest.raises(MedgenError):
+        override(cfg, train__iterations="x")
