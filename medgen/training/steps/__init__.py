@@ -1,0 +1,120 @@
+"""One Step per model: the model-specific part of an iteration; the loop (training/loop.py) does the rest.
+
+A Step is a dataclass whose typed fields are its loss hyper-parameters (config section
+`steps.<model name>`). It builds the model's optimizers and runs one iteration: forward passes under
+`ctx.precision.autocast()`, backward and optimizer steps through `ctx.backward_step`, and returns
+detached scalar losses by name (logged to the CSV and the progress bar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from medgen.errors import MedgenError
+from medgen.runtime import Precision
+
+
+@dataclass
+class Batch:
+    """A batch on the training device: images [B, C, *spatial] in [-1, 1], labels [B] int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class StepContext:
+    """What a Step needs from the loop besides the model and the batch.
+
+    Attributes:
+        precision: autocast settings (the one AMP path).
+        generator: seeded torch.Generator on the training device, for all noise a Step draws.
+        iteration: 0-based index of the current iteration.
+        total_iterations: planned length of the run (for schedules such as KL warm-up).
+        scalers: one GradScaler per optimizer name (only active for fp16).
+    """
+
+    precision: Precision
+    generator: torch.Generator
+    iteration: int = 0
+    total_iterations: int = 1
+    scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
+
+    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, name: str,
+                      retain_graph: bool = False) -> None:
+        """zero_grad, backward (scaled for fp16), optimizer step and scaler update for one optimizer."""
+        scaler = self.scalers.get(name)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward(retain_graph=retain_graph)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward(retain_graph=retain_graph)
+            opt.step()
+
+    def randn(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """Standard normal noise from the context's generator."""
+        return torch.randn(*shape, generator=self.generator, device=device)
+
+
+class Step:
+    """Base class of the per-model Steps (subclasses are dataclasses)."""
+
+    def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """Build the optimizers, keyed by name (saved and restored by name in checkpoints)."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: Batch, opt: dict[str, torch.optim.Optimizer],
+                 ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Run one iteration; return detached scalar losses by name."""
+        raise NotImplementedError
+
+
+_STEPS: dict[str, type[Step]] = {}
+
+
+def register_step(name: str) -> Callable[[type[Step]], type[Step]]:
+    """Class decorator: the Step used to train the model registered under the same `name`."""
+
+    def deco(cls: type[Step]) -> type[Step]:
+        _STEPS[name] = cls
+        return cls
+
+    return deco
+
+
+def create_step(name: str, **kwargs: Any) -> Step:
+    """Build the Step for model `name` from its hyper-parameters (config `steps.<name>`)."""
+    _import_all()
+    if name not in _STEPS:
+        raise MedgenError(f"no training step for model {name!r}; known: {', '.join(sorted(_STEPS))}")
+    cls = _STEPS[name]
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in kwargs:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (takes: {', '.join(names)})"
+            raise MedgenError(f"steps.{name}: unknown key {key!r}{hint}")
+    from medgen.models.registry import check_kwargs
+
+    check_kwargs(cls.__init__, kwargs, f"steps.{name}")
+    return cls(**kwargs)
+
+
+def _import_all() -> None:
+    """Import the step modules so their @register_step decorators run (add new modules here)."""
+    import importlib
+
+    for module in STEP_MODULES:
+        importlib.import_module(f"medgen.training.steps.{module}")
+
+
+STEP_MODULES: list[str] = []
