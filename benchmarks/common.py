@@ -145,11 +145,10 @@ def measure_peak(device: torch.device, precisions: list[str], *, quick: bool = F
         peak.gemm_tflops[name] = 2 * n**3 / (t.median_ms * 1e-3) / 1e12
         del a, b
     numel = (256 if device.type == "cuda" else 32) * 2**20  # float32 elements: 1 GiB / 128 MiB
-    src = torch.empty(numel, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, warmup=2, iters=10)
+    buffers = [torch.empty(numel, device=device, dtype=torch.float32) for _ in range(2)]
+    t = time_fn(lambda: buffers[1].copy_(buffers[0]), device, warmup=2, iters=10)
     peak.copy_gbps = 2 * numel * 4 / (t.median_ms * 1e-3) / 1e9
-    del src, dst
+    buffers.clear()
     return peak
 
 

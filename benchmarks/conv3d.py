@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +316,7 @@ def bench_upsampling(stages, batch: int, setting: Setting, device: torch.device,
             if setting.channels_last:
                 m = m.to(memory_format=torch.channels_last_3d)
 
-            def run(m=m):
+            def run(m=m, x=x):
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     y = m(x)
                 y.float().square().mean().backward()
