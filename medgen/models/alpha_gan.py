@@ -1,0 +1,121 @@
+"""Conditional alpha-GAN (Rosca et al. 2017; 3D brains as in Kwon et al., MICCAI 2019), registered as "alpha-gan".
+
+Four networks: encoder E (x -> code z, deterministic), generator G (z, class -> x), image critic D
+(projection-conditioned) and code critic C (an MLP on z). Trained by training/steps/alpha_gan.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from medgen.models.gan import Discriminator, Generator, check_common
+from medgen.models.registry import register_model
+from medgen.models.vae import Encoder
+
+
+class CodeDiscriminator(nn.Module):
+    """MLP critic on latent codes: z [B, latent_dim] -> scores [B].
+
+    Args:
+        latent_dim: size of z.
+        hidden: hidden units per layer.
+        depth: number of hidden layers.
+    """
+
+    def __init__(self, *, latent_dim: int = 128, hidden: int = 256, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = latent_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(1)  # [B, 1] -> [B]
+
+
+@dataclass
+class AlphaGANOutput:
+    """recon = G(E(x)) [B, C, *spatial]; code = E(x) [B, latent_dim];
+    recon_score = D(recon) [B]; code_score = C(code) [B]."""
+
+    recon: torch.Tensor
+    code: torch.Tensor
+    recon_score: torch.Tensor
+    code_score: torch.Tensor
+
+
+@register_model("alpha-gan")
+class AlphaGAN(nn.Module):
+    """Conditional alpha-GAN with `.encoder`, `.generator`, `.discriminator`, `.code_discriminator`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: number of classes.
+        image_size: image edge length (4 * 2**n).
+        base_width: width unit (64: published size; 8-16 on CPU).
+        latent_dim: size of z (Kwon et al. use 1000 at base_width 64).
+        upsample: generator upsampling, "transpose" or "nearest".
+        g_norm: generator normalisation.
+        e_norm: encoder normalisation.
+        d_norm: image critic normalisation (layer | instance | none).
+        code_hidden: hidden units of the code critic.
+        conditional_encoder: whether E also sees the class (E(x, y)); False gives Kwon et al.'s E(x).
+    """
+
+    def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
+                 base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
+                 e_norm: str = "batch", d_norm: str = "layer", code_hidden: int = 256,
+                 conditional_encoder: bool = False) -> None:
+        super().__init__()
+        check_common("model 'alpha-gan'", spatial_dims=spatial_dims, in_channels=in_channels,
+                     num_classes=num_classes, image_size=image_size, base_width=base_width, latent_dim=latent_dim)
+        self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.encoder = Encoder(spatial_dims=spatial_dims, in_channels=in_channels,
+                               num_classes=num_classes if conditional_encoder else 0, image_size=image_size,
+                               base_width=base_width, out_features=latent_dim, norm=e_norm)
+        self.generator = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                                   image_size=image_size, base_width=base_width, latent_dim=latent_dim,
+                                   upsample=upsample, norm=g_norm)
+        self.discriminator = Discriminator(spatial_dims=spatial_dims, in_channels=in_channels,
+                                           num_classes=num_classes, image_size=image_size, base_width=base_width,
+                                           norm=d_norm)
+        self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Deterministic code E(x) [B, latent_dim]."""
+        return self.encoder(x, labels)
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+        return self.generator(z, labels)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> AlphaGANOutput:
+        """Reconstruct x through E and G and score reconstruction and code with both critics."""
+        code = self.encoder(x, labels)
+        recon = self.generator(code, labels)
+        return AlphaGANOutput(recon=recon, code=code, recon_score=self.discriminator(recon, labels),
+                              code_score=self.code_discriminator(code))
+
+    @classmethod
+    def tiny_kwargs(cls, spatial_dims: int) -> dict[str, Any]:
+        """Small constructor arguments for the model checklist test."""
+        return dict(spatial_dims=spatial_dims, in_channels=1, num_classes=3, image_size=16, base_width=4,
+                    latent_dim=8, code_hidden=16)
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """forward() keyword arguments for the checklist test (CPU tensors)."""
+        shape = (batch_size, self.in_channels) + (self.image_size,) * self.spatial_dims
+        return dict(x=torch.rand(shape, generator=generator) * 2 - 1,
+                    labels=torch.arange(batch_size) % max(self.num_classes, 1))

@@ -1,0 +1,188 @@
+"""Building blocks shared by the generative models, for any `spatial_dims` (2 or 3).
+
+Layers come from MONAI (`monai.networks.blocks.Convolution`, which wraps the Conv/Norm/Act
+factories). What MONAI lacks is written here: the DCGAN-style trunks (k4 s2 conv stacks), the
+class-conditioned linear layer and the projection head of a projection discriminator.
+
+Channel plan shared by every trunk: at resolution image_size / 2**k (k >= 1) a feature map has
+`base_width * 2**(k-1)` channels, so the 4^d bottleneck of a 64^d image has 8 * base_width channels
+(the 3dbraingen layout; base_width 64 gives 512).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from medgen.errors import MedgenError
+
+NORMS = ("batch", "instance", "layer", "none")
+UPSAMPLES = ("transpose", "nearest")
+BOTTLENECK = 4  # spatial size of the smallest feature map
+
+
+def num_stages(image_size: int, what: str = "model") -> int:
+    """Number of x2 stages between the 4^d bottleneck and `image_size` (log2(image_size / 4)).
+
+    Args:
+        image_size: edge length of the (cubic/square) image; must be 4 * 2**k with k >= 1.
+        what: name used in the error message.
+    """
+    n = math.log2(image_size / BOTTLENECK) if image_size > 0 else -1
+    if n < 1 or n != int(n):
+        raise MedgenError(f"{what}: image_size must be 8, 16, 32, 64, 128, ... (4 * 2**k), got {image_size}")
+    return int(n)
+
+
+def stage_channels(base_width: int, k: int) -> int:
+    """Channels of a feature map downsampled k >= 1 times from full resolution."""
+    return base_width * 2 ** (k - 1)
+
+
+def norm_arg(norm: str, what: str = "model") -> str | tuple | None:
+    """Translate a norm name (batch | instance | layer | none) into a MONAI norm argument.
+
+    "layer" is GroupNorm with one group (normalises over channels and space per sample, the
+    layer norm recommended for WGAN-GP critics); "instance" is affine instance norm.
+    """
+    if norm not in NORMS:
+        raise MedgenError(f"{what}: norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    return {
+        "batch": "batch",
+        "instance": ("instance", {"affine": True}),
+        "layer": ("group", {"num_groups": 1}),
+        "none": None,
+    }[norm]
+
+
+class DownBlock(Convolution):
+    """k4 s2 p1 convolution -> norm -> LeakyReLU(0.2): halves every spatial size.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels.
+        norm: batch | instance | layer | none.
+        negative_slope: LeakyReLU slope.
+    """
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, out_channels: int, norm: str = "batch",
+                 negative_slope: float = 0.2) -> None:
+        n = norm_arg(norm)
+        super().__init__(spatial_dims, in_channels, out_channels, strides=2, kernel_size=4, padding=1,
+                         act=("leakyrelu", {"negative_slope": negative_slope}), norm=n, bias=n is None)
+
+
+class UpBlock(nn.Sequential):
+    """Doubles every spatial size: transposed k4 s2 p1 conv, or nearest upsampling + k3 conv.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels.
+        upsample: "transpose" (DCGAN, 3dbraingen) or "nearest" (upsample + conv, no checkerboard).
+        norm: batch | instance | layer | none.
+        act: MONAI activation name or (name, kwargs); None for a bare convolution (output layers).
+    """
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, out_channels: int, upsample: str = "transpose",
+                 norm: str = "batch", act: str | tuple | None = "relu") -> None:
+        if upsample not in UPSAMPLES:
+            raise MedgenError(f"model: upsample must be one of {', '.join(UPSAMPLES)}, got {upsample!r}")
+        n = norm_arg(norm)
+        conv_only = n is None and act is None
+        if upsample == "transpose":
+            layers = [Convolution(spatial_dims, in_channels, out_channels, strides=2, kernel_size=4, padding=1,
+                                  output_padding=0, is_transposed=True, act=act, norm=n, bias=n is None,
+                                  conv_only=conv_only)]
+        else:
+            layers = [nn.Upsample(scale_factor=2, mode="nearest"),
+                      Convolution(spatial_dims, in_channels, out_channels, strides=1, kernel_size=3, padding=1,
+                                  act=act, norm=n, bias=n is None, conv_only=conv_only)]
+        super().__init__(*layers)
+
+
+class ClassConditionedLinear(nn.Module):
+    """Linear layer on [x, one_hot(label)]: W x + E[label], with E a learned class embedding.
+
+    This is the class-embedding helper of the conditional models: a learned embedding concatenated
+    to x and followed by a linear layer is the same function, without building the concatenation.
+
+    Args:
+        in_features: size of x (0 for an embedding only).
+        out_features: output size.
+        num_classes: number of classes (0 for an unconditional layer).
+    """
+
+    def __init__(self, *, in_features: int, out_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.embed = nn.Embedding(num_classes, out_features) if num_classes > 0 else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        out = self.linear(x)
+        if self.embed is not None:
+            out = out + self.embed(labels)
+        return out
+
+
+class DownTrunk(nn.Sequential):
+    """Stack of DownBlocks from `image_size` down to the 4^d bottleneck.
+
+    The first block has no normalisation (DCGAN convention); output: [B, base_width * 2**(n-1), 4, ...].
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        image_size: input edge length (4 * 2**n).
+        base_width: channels after the first block.
+        norm: normalisation of the other blocks.
+    """
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, base_width: int,
+                 norm: str) -> None:
+        n = num_stages(image_size)
+        chans = [in_channels] + [stage_channels(base_width, k) for k in range(1, n + 1)]
+        blocks = [DownBlock(spatial_dims=spatial_dims, in_channels=chans[k], out_channels=chans[k + 1],
+                            norm="none" if k == 0 else norm) for k in range(n)]
+        super().__init__(*blocks)
+        self.out_channels = chans[-1]
+
+
+class ProjectionHead(nn.Module):
+    """Critic head on the 4^d bottleneck: a full-size conv (a linear layer on the flattened map,
+    as in 3dbraingen) plus the class projection term <embed(label), features> (Miyato & Koyama 2018).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: bottleneck channels.
+        num_classes: number of classes (0: no projection term).
+    """
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.linear = Convolution(spatial_dims, in_channels, 1, kernel_size=BOTTLENECK, padding=0, conv_only=True)
+        size = in_channels * BOTTLENECK**spatial_dims
+        self.embed = nn.Embedding(num_classes, size) if num_classes > 0 else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        out = self.linear(h).reshape(h.shape[0])  # [B, 1, 1, ...] -> [B]
+        if self.embed is not None:
+            # [B, C*4^d] -> [B, C, 4, ...]; elementwise product works for any memory format.
+            e = self.embed(labels).view(h.shape)
+            out = out + (e * h).sum(dim=tuple(range(1, h.ndim)))
+        return out
+
+
+def spatial_shape(spatial_dims: int, size: int) -> Sequence[int]:
+    """(size,) * spatial_dims."""
+    return (size,) * spatial_dims

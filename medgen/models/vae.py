@@ -1,0 +1,134 @@
+"""Conditional VAE, registered as "vae": conv encoder -> (mu, logvar) -> z -> the GAN generator as decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from medgen.models.blocks import BOTTLENECK, DownTrunk
+from medgen.models.gan import Generator, check_common
+from medgen.models.registry import register_model
+
+
+class Encoder(nn.Module):
+    """Conditional conv encoder: images [B, C, *spatial] + labels [B] -> features [B, out_features].
+
+    k4 s2 convs down to 4^d, then a full-size conv (a linear layer on the flattened 4^d map) plus a
+    class embedding, i.e. a linear layer on [features, one_hot(label)].
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: number of classes (0: unconditional).
+        image_size: input edge length.
+        base_width: channels after the first conv.
+        out_features: output size (2 * latent_dim for a VAE, latent_dim for alpha-GAN).
+        norm: normalisation of the conv blocks.
+    """
+
+    def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
+                 base_width: int = 8, out_features: int = 256, norm: str = "batch") -> None:
+        super().__init__()
+        self.trunk = DownTrunk(spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
+                               base_width=base_width, norm=norm)
+        self.head = Convolution(spatial_dims, self.trunk.out_channels, out_features, kernel_size=BOTTLENECK,
+                                padding=0, conv_only=True)
+        self.embed = nn.Embedding(num_classes, out_features) if num_classes > 0 else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=0.02)
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        out = self.head(self.trunk(x)).reshape(x.shape[0], self.out_features)  # [B, F, 1, ...] -> [B, F]
+        if self.embed is not None:
+            out = out + self.embed(labels)
+        return out
+
+
+@dataclass
+class VAEOutput:
+    """recon [B, C, *spatial] in [-1, 1]; mu, logvar, z [B, latent_dim]."""
+
+    recon: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+
+
+@register_model("vae")
+class VAE(nn.Module):
+    """Conditional VAE: q(z | x, y) by a conv encoder, p(x | z, y) by the DCGAN generator.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: number of classes.
+        image_size: image edge length (4 * 2**n).
+        base_width: width unit (64: published size; 8-16 on CPU).
+        latent_dim: size of z.
+        upsample: decoder upsampling, "transpose" or "nearest".
+        norm: normalisation of encoder and decoder blocks.
+        logvar_clamp: |logvar| bound that keeps exp(logvar) finite early in training (0: none).
+    """
+
+    def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
+                 base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", norm: str = "batch",
+                 logvar_clamp: float = 10.0) -> None:
+        super().__init__()
+        check_common("model 'vae'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                     image_size=image_size, base_width=base_width, latent_dim=latent_dim)
+        self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.logvar_clamp = logvar_clamp
+        self.encoder = Encoder(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                               image_size=image_size, base_width=base_width, out_features=2 * latent_dim,
+                               norm=norm)
+        self.decoder = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
+                                 image_size=image_size, base_width=base_width, latent_dim=latent_dim,
+                                 upsample=upsample, norm=norm)
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters (mu, logvar), each [B, latent_dim]."""
+        mu, logvar = self.encoder(x, labels).chunk(2, dim=1)  # [B, 2L] -> 2 x [B, L]
+        if self.logvar_clamp > 0:
+            logvar = logvar.clamp(-self.logvar_clamp, self.logvar_clamp)
+        return mu, logvar
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+        return self.decoder(z, labels)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        """Encode, reparameterise, decode.
+
+        Args:
+            x: images [B, C, *spatial] in [-1, 1].
+            labels: class indices [B].
+            generator: source of the reparameterisation noise (training mode); in eval mode z = mu.
+        """
+        mu, logvar = self.encode(x, labels)
+        if self.training:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        else:
+            z = mu
+        return VAEOutput(recon=self.decoder(z, labels), mu=mu, logvar=logvar, z=z)
+
+    @classmethod
+    def tiny_kwargs(cls, spatial_dims: int) -> dict[str, Any]:
+        """Small constructor arguments for the model checklist test."""
+        return dict(spatial_dims=spatial_dims, in_channels=1, num_classes=3, image_size=16, base_width=4,
+                    latent_dim=8)
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """forward() keyword arguments for the checklist test (CPU tensors)."""
+        shape = (batch_size, self.in_channels) + (self.image_size,) * self.spatial_dims
+        return dict(x=torch.rand(shape, generator=generator) * 2 - 1,
+                    labels=torch.arange(batch_size) % max(self.num_classes, 1), generator=generator)

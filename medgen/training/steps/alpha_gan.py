@@ -1,0 +1,123 @@
+"""Training step of the conditional alpha-GAN (Rosca et al. 2017; Kwon et al. 2019), WGAN-GP by default.
+
+Each iteration updates each network exactly once, in this order:
+1. encoder + generator (one Adam over both; Adam is per-parameter, so this equals two optimizers
+   stepped once each on the same loss): l1_weight * L1(x, G(E(x))) + adversarial terms of D on the
+   reconstructions and on prior samples G(z), + the code critic's term on E(x);
+2. image critic D: real x against reconstructions and prior samples (+ gradient penalty);
+3. code critic C: prior codes z ~ N(0, I) against E(x) (+ gradient penalty).
+The critics reuse the (detached) outputs of pass 1, so no network runs a second forward for them,
+and nothing is modified in place between a forward pass and its backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medgen import losses
+from medgen.errors import MedgenError
+from medgen.training.steps import Batch, Step, StepContext, register_step
+from medgen.training.steps.gan import frozen
+
+VARIANTS = ("wgan-gp", "bce")
+
+
+@register_step("alpha-gan")
+@dataclass
+class AlphaGANStep(Step):
+    """alpha-GAN iteration: one update each of E+G, D and C.
+
+    Args:
+        variant: "wgan-gp" (Wasserstein critics with gradient penalties) or "bce" (non-saturating GAN).
+        l1_weight: weight of the L1 reconstruction term (Kwon et al.: 10).
+        gp_weight: gradient-penalty weight of both critics (wgan-gp only).
+        code_weight: weight of the code critic's term in the encoder loss.
+        beta1: Adam beta1.
+        beta2: Adam beta2.
+        d_lr_scale: critics' learning rate = lr * d_lr_scale.
+    """
+
+    variant: str = "wgan-gp"
+    l1_weight: float = 10.0
+    gp_weight: float = 10.0
+    code_weight: float = 1.0
+    beta1: float = 0.5
+    beta2: float = 0.9
+    d_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise MedgenError(f"steps.alpha-gan: variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+
+    def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
+        betas = (self.beta1, self.beta2)
+        d_lr = lr * self.d_lr_scale
+        return {
+            "encoder_generator": torch.optim.Adam(
+                [{"params": model.encoder.parameters()}, {"params": model.generator.parameters()}],
+                lr=lr, betas=betas),
+            "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=d_lr, betas=betas),
+            "code_discriminator": torch.optim.Adam(model.code_discriminator.parameters(), lr=d_lr, betas=betas),
+        }
+
+    def _gen_loss(self, score: torch.Tensor) -> torch.Tensor:
+        return losses.wgan_generator_loss(score) if self.variant == "wgan-gp" else losses.bce_generator_loss(score)
+
+    def _critic_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        if self.variant == "wgan-gp":
+            return losses.wgan_critic_loss(real, fake)
+        return losses.bce_critic_loss(real, fake)
+
+    def __call__(self, model: nn.Module, batch: Batch, opt: dict[str, torch.optim.Optimizer],
+                 ctx: StepContext) -> dict[str, torch.Tensor]:
+        E, G, D, C = model.encoder, model.generator, model.discriminator, model.code_discriminator
+        x, y = batch.images, batch.labels
+        b = x.shape[0]
+        z_prior = ctx.randn(b, model.latent_dim, device=x.device)
+        y2 = torch.cat([y, y])
+        wgan = self.variant == "wgan-gp"
+
+        # 1. encoder + generator
+        with frozen(D, C):
+            with ctx.precision.autocast():
+                code = E(x, y)
+                # one generator call on [E(x); z]: [2B, L] -> [2B, C, ...]
+                both = G(torch.cat([code, z_prior.to(code.dtype)]), y2)
+                both_score = D(both, y2)
+                code_score = C(code)
+            recon, prior = both.chunk(2)
+            l1 = losses.reconstruction(recon, x, "l1")
+            adv = self._gen_loss(both_score)
+            code_adv = self._gen_loss(code_score)
+            eg_loss = self.l1_weight * l1 + 2.0 * adv + self.code_weight * code_adv
+            ctx.backward_step(eg_loss, opt["encoder_generator"], "encoder_generator")
+
+        # 2. image critic: x against [recon; prior]
+        fakes = both.detach().to(x.dtype)
+        with ctx.precision.autocast():
+            # [3B, C, ...] -> [3B]
+            scores = D(torch.cat([x, fakes]), torch.cat([y, y2]))
+        real_score, fake_score = scores[:b], scores[b:]
+        d_loss = self._critic_loss(real_score, fake_score)
+        gp = torch.zeros((), device=x.device)
+        if wgan:
+            gp = losses.gradient_penalty(D, torch.cat([x, x]), fakes, y2, generator=ctx.generator)
+            d_loss = d_loss + self.gp_weight * gp
+        ctx.backward_step(d_loss, opt["discriminator"], "discriminator")
+
+        # 3. code critic: prior codes against encoder codes
+        codes = code.detach().float()
+        with ctx.precision.autocast():
+            c_scores = C(torch.cat([z_prior, codes]))  # [2B]
+        c_loss = self._critic_loss(c_scores[:b], c_scores[b:])
+        gp_code = torch.zeros((), device=x.device)
+        if wgan:
+            gp_code = losses.gradient_penalty(C, z_prior, codes, None, generator=ctx.generator)
+            c_loss = c_loss + self.gp_weight * gp_code
+        ctx.backward_step(c_loss, opt["code_discriminator"], "code_discriminator")
+
+        return {"eg_loss": eg_loss.detach(), "l1": l1.detach(), "d_loss": d_loss.detach(),
+                "c_loss": c_loss.detach(), "gp": gp.detach(), "gp_code": gp_code.detach()}

@@ -1,0 +1,59 @@
+"""Training step of the conditional VAE: reconstruction + beta * KL, one Adam optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medgen import losses
+from medgen.errors import MedgenError
+from medgen.training.steps import Batch, Step, StepContext, register_step
+
+
+@register_step("vae")
+@dataclass
+class VAEStep(Step):
+    """recon(x, G(z)) + beta * KL(q(z | x, y) || N(0, I)).
+
+    Args:
+        beta: KL weight.
+        recon: reconstruction loss, "l1" or "mse".
+        kl_per_element: KL averaged over latent units (True) or summed per sample (False).
+        kl_warmup: fraction of the run over which beta ramps linearly from 0 (0: no warm-up).
+        beta1: Adam beta1.
+        beta2: Adam beta2.
+    """
+
+    beta: float = 1.0
+    recon: str = "l1"
+    kl_per_element: bool = True
+    kl_warmup: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.recon not in losses.RECONSTRUCTIONS:
+            raise MedgenError(f"steps.vae: recon must be one of {', '.join(losses.RECONSTRUCTIONS)}, "
+                              f"got {self.recon!r}")
+        if self.beta < 0 or not 0 <= self.kl_warmup <= 1:
+            raise MedgenError("steps.vae: beta must be >= 0 and kl_warmup in [0, 1]")
+
+    def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
+        return {"vae": torch.optim.Adam(model.parameters(), lr=lr, betas=(self.beta1, self.beta2))}
+
+    def beta_at(self, ctx: StepContext) -> float:
+        """KL weight at this iteration (linear warm-up over kl_warmup * total_iterations)."""
+        ramp = self.kl_warmup * ctx.total_iterations
+        return self.beta if ramp <= 0 else self.beta * min(1.0, (ctx.iteration + 1) / ramp)
+
+    def __call__(self, model: nn.Module, batch: Batch, opt: dict[str, torch.optim.Optimizer],
+                 ctx: StepContext) -> dict[str, torch.Tensor]:
+        with ctx.precision.autocast():
+            out = model(batch.images, batch.labels, generator=ctx.generator)
+        rec = losses.reconstruction(out.recon, batch.images, self.recon)
+        kl = losses.kl_divergence(out.mu, out.logvar, per_element=self.kl_per_element)
+        loss = rec + self.beta_at(ctx) * kl
+        ctx.backward_step(loss, opt["vae"], "vae")
+        return {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}
