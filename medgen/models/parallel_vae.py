@@ -1,0 +1,170 @@
+"""Parallel-decoder VAE (DESIGN.md section 6): one shared encoder, K decoders, softmax-weighted mixture.
+
+Decoder k has its own latent head (mu_k, logvar_k) and outputs an image plus a confidence logit per
+pixel; the softmax of the logits over k gives per-pixel weights and the reconstruction is
+sum_k w_k * image_k. Each decoder tends to take one object (or tissue), so argmax_k w_k is an
+unsupervised segmentation. The same code runs on 2D scenes and 3D volumes (`spatial_dims`).
+
+The K decoders run as one network with grouped convolutions (groups=K): decoder k owns channel
+group k of every layer, so they share no weights, yet the whole bank is one conv call per stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from medgen.errors import MedgenError
+from medgen.models.blocks import BOTTLENECK, DownTrunk, num_stages, stage_channels
+from medgen.models.registry import register_model
+
+
+@dataclass
+class ParallelVAEOutput:
+    """Outputs of ParallelVAE.forward.
+
+    Attributes:
+        recon: weighted reconstruction [B, C, *S] in [-1, 1].
+        images: per-decoder images [B, K, C, *S] in [-1, 1].
+        logits: per-decoder confidence logits [B, K, 1, *S].
+        weights: softmax of the logits over K [B, K, 1, *S].
+        mu: posterior means [B, K, L].
+        logvar: posterior log-variances [B, K, L].
+    """
+
+    recon: torch.Tensor
+    images: torch.Tensor
+    logits: torch.Tensor
+    weights: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+
+class DecoderBank(nn.Module):
+    """K independent decoders run together: latents [B, K, L] -> per-decoder outputs [B, K, C+1, *S].
+
+    Args:
+        spatial_dims: 2 or 3.
+        out_channels: channels per decoder (image channels + 1 confidence logit).
+        image_size: output edge length.
+        base_width: per-decoder channels at half resolution (doubling towards the bottleneck).
+        num_decoders: K.
+        latent_dim: L, latent size per decoder.
+    """
+
+    def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, base_width: int,
+                 num_decoders: int, latent_dim: int) -> None:
+        super().__init__()
+        n = num_stages(image_size, "model 'parallel-vae'")
+        k = num_decoders
+        self.spatial_dims, self.k, self.out_channels = spatial_dims, k, out_channels
+        self.top = stage_channels(base_width, n)
+        features = self.top * BOTTLENECK**spatial_dims
+        # one linear map per decoder: weight [K, L, F] applied with einsum
+        self.fc_weight = nn.Parameter(torch.randn(k, latent_dim, features) / latent_dim**0.5)
+        self.fc_bias = nn.Parameter(torch.zeros(k, features))
+        layers: list[nn.Module] = [nn.ReLU()]
+        for s in range(n, 1, -1):
+            cin, cout = stage_channels(base_width, s), stage_channels(base_width, s - 1)
+            layers.append(Convolution(spatial_dims, k * cin, k * cout, strides=2, kernel_size=4, padding=1,
+                                      is_transposed=True, output_padding=0, groups=k, act="relu", norm="batch"))
+        # last stage: to full resolution, outputs per decoder (no norm, no activation)
+        layers.append(Convolution(spatial_dims, k * stage_channels(base_width, 1), k * out_channels, strides=2,
+                                  kernel_size=4, padding=1, is_transposed=True, output_padding=0, groups=k, conv_only=True))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        b = z.shape[0]
+        h = torch.einsum("bkl,klf->bkf", z, self.fc_weight) + self.fc_bias  # [B, K, F]
+        # [B, K, F] -> [B, K * top, 4, ...] (decoder k owns channel group k)
+        h = h.reshape(b, self.k * self.top, *(BOTTLENECK,) * self.spatial_dims)
+        out = self.net(h)
+        # [B, K * (C + 1), *S] -> [B, K, C + 1, *S]
+        return out.reshape(b, self.k, self.out_channels, *out.shape[2:])
+
+
+@register_model("parallel-vae")
+class ParallelVAE(nn.Module):
+    """Shared encoder, K decoders with their own latent heads, softmax-weighted reconstruction.
+
+    Args:
+        spatial_dims: 2 (scenes) or 3 (volumes).
+        in_channels: image channels (3 for RGB scenes, 1 for MRI).
+        image_size: edge length of the square/cubic input (4 * 2**k).
+        num_decoders: K, number of decoders (slots).
+        latent_dim: latent size per decoder (the model's `latent_dim` attribute is K times this).
+        base_width: channels of the first encoder stage and of each decoder's last stage.
+        num_classes: accepted for the loop's uniform kwargs; the model is unconditional.
+        norm: encoder normalisation (batch | instance | layer | none).
+    """
+
+    def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
+                 latent_dim: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch") -> None:
+        super().__init__()
+        what = "model 'parallel-vae'"
+        if spatial_dims not in (2, 3):
+            raise MedgenError(f"{what}: spatial_dims must be 2 or 3, got {spatial_dims}")
+        for key, value in (("in_channels", in_channels), ("num_decoders", num_decoders),
+                           ("latent_dim", latent_dim), ("base_width", base_width)):
+            if value < 1:
+                raise MedgenError(f"{what}: {key} must be >= 1, got {value}")
+        self.spatial_dims, self.in_channels, self.image_size = spatial_dims, in_channels, image_size
+        self.num_decoders, self.latent_per_decoder = num_decoders, latent_dim
+        self.latent_dim = num_decoders * latent_dim
+        self.num_classes = num_classes
+        self.encoder = DownTrunk(spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
+                                 base_width=base_width, norm=norm)
+        features = self.encoder.out_channels * BOTTLENECK**spatial_dims
+        self.heads = nn.Linear(features, num_decoders * 2 * latent_dim)  # all K latent heads in one matmul
+        self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
+                                    base_width=base_width, num_decoders=num_decoders, latent_dim=latent_dim)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, C, *S] -> (mu, logvar), each [B, K, L]."""
+        h = self.encoder(x).flatten(1)
+        # [B, K * 2 * L] -> [B, K, 2, L]
+        stats = self.heads(h).view(x.shape[0], self.num_decoders, 2, self.latent_per_decoder)
+        return stats[:, :, 0], stats[:, :, 1].clamp(-12.0, 8.0)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents [B, K, L] -> (recon [B,C,*S], images [B,K,C,*S], logits [B,K,1,*S], weights [B,K,1,*S])."""
+        out = self.decoders(z)
+        images = torch.tanh(out[:, :, : self.in_channels])
+        logits = out[:, :, self.in_channels :]
+        weights = torch.softmax(logits.float(), dim=1).to(images.dtype)
+        recon = (weights * images).sum(dim=1)
+        return recon, images, logits, weights
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> ParallelVAEOutput:
+        """Encode, draw z = mu + sigma * noise (z = mu when noise is None), decode.
+
+        Args:
+            x: images [B, C, *S] in [-1, 1].
+            labels: ignored (unconditional model; accepted for the uniform interface).
+            noise: standard normal [B, K, L] or [B, K*L] for the reparameterisation; None decodes the mean.
+        """
+        mu, logvar = self.encode(x)
+        z = mu if noise is None else mu + torch.exp(0.5 * logvar) * noise.view_as(mu)
+        recon, images, logits, weights = self.decode(z)
+        return ParallelVAEOutput(recon=recon, images=images, logits=logits, weights=weights, mu=mu, logvar=logvar)
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode latents z [B, K*L] (labels ignored) to images [B, C, *S] in [-1, 1]."""
+        # [B, K * L] -> [B, K, L]
+        return self.decode(z.view(z.shape[0], self.num_decoders, self.latent_per_decoder))[0]
+
+    @classmethod
+    def tiny_kwargs(cls, spatial_dims: int) -> dict[str, Any]:
+        """Small constructor arguments for the model checklist test."""
+        return dict(spatial_dims=spatial_dims, in_channels=3 if spatial_dims == 2 else 1, image_size=16,
+                    num_decoders=3, latent_dim=4, base_width=4)
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """forward() keyword arguments for the checklist test (CPU tensors)."""
+        shape = (batch_size, self.in_channels) + (self.image_size,) * self.spatial_dims
+        return dict(x=torch.rand(shape, generator=generator) * 2 - 1)
