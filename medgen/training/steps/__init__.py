@@ -117,4 +117,4 @@ def _import_all() -> None:
         importlib.import_module(f"medgen.training.steps.{module}")
 
 
-STEP_MODULES: list[str] = ["classifier", "vae", "gan", "alpha_gan"]
+STEP_MODULES: list[str] = ["classifier", "parallel_vae", "vae", "gan", "alpha_gan"]
