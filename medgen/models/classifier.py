@@ -72,24 +72,24 @@ class Classifier(nn.Module):
         num_classes: number of classes (2 or more).
         image_size: edge length of the (square/cubic) input; used by the "simple" backbone.
         base_width: width of the first stage (ResNet widths base_width * [1, 2, 4, 8]).
-        name: backbone, one of resnet18, densenet121, simple.
+        backbone: one of resnet18, densenet121, simple (not `name`: create_model takes that positionally).
         dropout: dropout probability before the linear head.
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3,
-                 image_size: int = 64, base_width: int = 8, name: str = "resnet18",
+                 image_size: int = 64, base_width: int = 8, backbone: str = "resnet18",
                  dropout: float = 0.0) -> None:
         super().__init__()
-        if name not in BACKBONES:
-            raise MedgenError(f"classifier name must be one of {', '.join(BACKBONES)}, got {name!r}")
+        if backbone not in BACKBONES:
+            raise MedgenError(f"classifier backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
         if spatial_dims not in (2, 3):
             raise MedgenError(f"classifier spatial_dims must be 2 or 3, got {spatial_dims}")
         if num_classes < 2:
             raise MedgenError(f"classifier needs at least 2 classes, got num_classes={num_classes}")
         self.num_classes = num_classes
-        if name == "resnet18":
+        if backbone == "resnet18":
             self.backbone, n_features = _resnet18(spatial_dims, in_channels, base_width)
-        elif name == "densenet121":
+        elif backbone == "densenet121":
             self.backbone, n_features = _densenet121(spatial_dims, in_channels, base_width)
         else:
             trunk = _SimpleTrunk(spatial_dims, in_channels, image_size, base_width)
@@ -105,4 +105,4 @@ class Classifier(nn.Module):
     def tiny_kwargs(cls, spatial_dims: int = 3) -> dict[str, Any]:
         """Small settings for fast tests (16^3 volumes or 32^2 images)."""
         return {"spatial_dims": spatial_dims, "in_channels": 1, "num_classes": 3,
-                "image_size": 16 if spatial_dims == 3 else 32, "base_width": 2, "name": "resnet18"}
+                "image_size": 16 if spatial_dims == 3 else 32, "base_width": 2, "backbone": "resnet18"}

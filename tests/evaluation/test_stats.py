@@ -1,0 +1,58 @@
+import math
+
+import numpy as np
+import pytest
+
+from medgen.evaluation.stats import classification_metrics, corrected_resampled_ttest, mean_sd
+
+
+def test_corrected_ttest_matches_hand_computation():
+    a = [0.70, 0.72, 0.68, 0.75, 0.71, 0.69]
+    b = [0.65, 0.66, 0.67, 0.70, 0.64, 0.66]
+    # d = [.05 .06 .01 .05 .07 .03]; mean .045; var(ddof=1) = 2350e-6 / 5 = 470e-6
+    # t = .045 / sqrt((1/6 + 50/250) * 470e-6) = 3.42790; two-sided p (df 5) = 0.018678
+    r = corrected_resampled_ttest(a, b, n_train=250, n_test=50)
+    assert r.df == 5
+    assert r.mean_diff == pytest.approx(0.045)
+    assert r.sd_diff == pytest.approx(math.sqrt(470e-6))
+    assert r.t == pytest.approx(3.42790, abs=1e-4)
+    assert r.p == pytest.approx(0.018678, abs=1e-5)
+
+
+def test_correction_makes_test_more_conservative_than_plain_paired():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.7, 0.03, 6)
+    b = a - rng.normal(0.02, 0.02, 6)
+    plain = stats.ttest_rel(a, b).pvalue
+    corrected = corrected_resampled_ttest(a, b, n_train=250, n_test=50).p
+    assert corrected > plain
+    # swapping the arms flips the sign, keeps p
+    r1 = corrected_resampled_ttest(a, b, 250, 50)
+    r2 = corrected_resampled_ttest(b, a, 250, 50)
+    assert r1.t == pytest.approx(-r2.t) and r1.p == pytest.approx(r2.p)
+
+
+def test_identical_arms_give_p_one():
+    r = corrected_resampled_ttest([0.5, 0.6, 0.7], [0.5, 0.6, 0.7], 100, 20)
+    assert r.t == 0.0 and r.p == 1.0
+
+
+def test_classification_metrics_with_a_missing_class():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    prob = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1],
+                     [0.3, 0.6, 0.1], [0.6, 0.3, 0.1], [0.7, 0.2, 0.1]])
+    m = classification_metrics(y, prob, num_classes=3)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["recall"][0] == pytest.approx(2 / 3) and m["recall"][1] == pytest.approx(2 / 3)
+    assert math.isnan(m["recall"][2])
+    assert m["confusion"] == [[2, 1, 0], [1, 2, 0], [0, 0, 0]]
+    assert 0.0 <= m["macro_auc"] <= 1.0
+    assert m["balanced_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_mean_sd():
+    m, s = mean_sd([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1.0)
+    assert math.isnan(mean_sd([1.0])[1])

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from medgen.models import create_model
+from medgen.models.classifier import Classifier, ClassifierOutput
+from medgen.runtime import resolve_precision
+from medgen.training.steps import Batch, StepContext, create_step
+
+
+@pytest.mark.parametrize(("spatial_dims", "name"),
+                         [(3, "resnet18"), (3, "densenet121"), (3, "simple"), (2, "resnet18"), (2, "simple")])
+def test_backbones_shapes_and_backward(name, spatial_dims):
+    kw = Classifier.tiny_kwargs(spatial_dims) | {"backbone": name, "num_classes": 4}
+    if name == "densenet121":
+        kw["image_size"] = 32  # four transitions need at least 32 voxels per edge
+    model = create_model("classifier", **kw)
+    x = torch.randn(2, 1, *[kw["image_size"]] * spatial_dims)
+    out = model(x)
+    assert isinstance(out, ClassifierOutput)
+    assert out.logits.shape == (2, 4) and out.features.ndim == 2
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_bad_name_and_classes():
+    from medgen.errors import MedgenError
+
+    with pytest.raises(MedgenError):
+        Classifier(backbone="vgg")
+    with pytest.raises(MedgenError):
+        Classifier(num_classes=1)
+
+
+def test_step_reduces_loss_on_a_separable_toy_problem():
+    torch.manual_seed(0)
+    model = create_model("classifier", **Classifier.tiny_kwargs(3) | {"num_classes": 2})
+    step = create_step("classifier", label_smoothing=0.0)
+    opt = step.optimizers(model, lr=3e-3)
+    x = torch.randn(8, 1, 16, 16, 16)
+    y = torch.tensor([0, 1] * 4)
+    x[y == 1] += 1.0  # class 1 is brighter
+    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")), generator=torch.Generator())
+    first = step(model, Batch(x, y), opt, ctx)["loss"].item()
+    for _ in range(8):
+        last = step(model, Batch(x, y), opt, ctx)["loss"].item()
+    assert last < first
