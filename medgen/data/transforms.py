@@ -79,6 +79,68 @@ def volume_problem(shape: Sequence[int], n_nonfinite: int = 0) -> str | None:
     return None
 
 
+@dataclass
+class VolumeInfo:
+    """Header and raw-intensity facts about one image file, before any preprocessing.
+
+    Attributes:
+        path: the file.
+        shape: array shape as stored.
+        spacing: voxel sizes (mm) of the first three axes.
+        orientation: axis codes of the affine, e.g. "RAS" or "LPS".
+        dtype: stored data type.
+        minimum, maximum: finite intensity range.
+        p_low, p_high: the PERCENTILES of the finite intensities.
+        problem: why the file cannot be used (None when it can).
+    """
+
+    path: str
+    shape: tuple[int, ...] = ()
+    spacing: tuple[float, ...] = ()
+    orientation: str = ""
+    dtype: str = ""
+    minimum: float = float("nan")
+    maximum: float = float("nan")
+    p_low: float = float("nan")
+    p_high: float = float("nan")
+    problem: str | None = None
+
+
+def inspect_volume(path: str) -> VolumeInfo:
+    """Read one file with nibabel and describe it; problems are reported in `.problem`, never raised.
+
+    Args:
+        path: image file (NIfTI or any format nibabel reads).
+    """
+    import nibabel as nib
+
+    info = VolumeInfo(path=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = nib.load(str(path))
+            info.shape = tuple(int(s) for s in img.shape)
+            info.spacing = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
+            info.orientation = "".join(nib.aff2axcodes(img.affine)) if img.affine is not None else "?"
+            info.dtype = str(img.get_data_dtype())
+            arr = np.asanyarray(img.dataobj)
+    except Exception as e:
+        info.problem = f"{path}: cannot read image ({_root_message(e)})"
+        return info
+    finite = np.isfinite(arr) if np.issubdtype(arr.dtype, np.floating) else np.ones(arr.shape, bool)
+    n_bad = int(arr.size - np.count_nonzero(finite))
+    problem = volume_problem(info.shape, n_bad)
+    values = arr[finite] if n_bad else arr.ravel()
+    if values.size:
+        info.minimum, info.maximum = float(values.min()), float(values.max())
+        info.p_low, info.p_high = (float(v) for v in np.percentile(values, PERCENTILES))
+        if problem is None and info.minimum == info.maximum:
+            problem = f"every voxel has the same value ({info.minimum:g}); the image is empty"
+    if problem:
+        info.problem = f"{path}: {problem}"
+    return info
+
+
 def _root_message(e: BaseException) -> str:
     """The innermost cause's first line (MONAI wraps errors in 'applying transform ...')."""
     while e.__cause__ is not None:
