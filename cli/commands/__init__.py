@@ -2,6 +2,6 @@
 
 import importlib
 
-NAMES = ["info"]
+NAMES = ["info", "data_check", "scenes", "segment"]
 
 COMMANDS = [importlib.import_module(f"cli.commands.{name}") for name in NAMES]
