@@ -461,3 +461,32 @@ def _read_log(path: Path, upto: int | None) -> list[dict[str, Any]]:
         writer.writerows(rows)
         atomic_write_text(path, buf.getvalue())
     return rows
+
+
+def default_cache_dir() -> Path:
+    """Where the built-in phantom cohort is cached: $MEDGEN_CACHE_DIR or ~/.cache/medgen."""
+    import os
+
+    return Path(os.environ.get("MEDGEN_CACHE_DIR") or Path.home() / ".cache" / "medgen")
+
+
+def load_config_data(cfg: Any, class_names: list[str] | None = None, size: int | None = None) -> ImageSet:
+    """The training data a config names: cfg.data.path, or the cached built-in phantom cohort.
+
+    Args:
+        cfg: a medgen.config.Config.
+        class_names: class order to enforce (e.g. a checkpoint's).
+        size: grid size to use instead of cfg.data.size.
+    """
+    from medgen.data import load_dataset
+
+    spec = cfg.data.path
+    if spec is None:
+        from medgen.data.phantom import ensure_cohort
+
+        ph = cfg.phantom
+        cache = Path(ph.cache_dir).expanduser() if ph.cache_dir else default_cache_dir()
+        log(f"using the built-in phantom cohort (n={ph.n}, seed={ph.seed}, size={ph.size}) cached in {cache}")
+        spec = ensure_cohort(cache, n=ph.n, seed=ph.seed, effect_scale=ph.effect_scale, size=ph.size)
+    return load_dataset(spec, image_column=cfg.data.image_column, label_column=cfg.data.label_column,
+                        group_column=cfg.data.group_column, size=size or cfg.data.size, class_names=class_names)
