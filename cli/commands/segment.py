@@ -1,0 +1,35 @@
+"""`medgen segment`: unsupervised segmentation with a trained parallel-decoder VAE, with metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import DeviceOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment")(segment)
+
+
+@handle_errors
+def segment(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="parallel-vae checkpoint or run folder.")],
+    data: Annotated[str, typer.Option("--data", help="A `medgen scenes` folder or volume data (phantom folder, datalist, table).")],
+    out: OutOpt,
+    n: Annotated[int | None, typer.Option("--n", help="Use the first N images only.")] = None,
+    panels: Annotated[int, typer.Option("--panels", help="Per-sample picture panels to write.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 16,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write per-image segmentations, picture panels, a latent traversal and metrics (FG-ARI, mSC, Dice, probe)."""
+    from medgen.segment import segment as run
+
+    metrics = run(checkpoint, data, out, n=n, panels=panels, batch_size=batch_size, device=device or "cpu",
+                  seed=seed or 0, overwrite=overwrite)
+    metrics.pop("traversal_dims", None)
+    echo_json(metrics)

@@ -1,0 +1,204 @@
+"""Unsupervised segmentation metrics for the parallel-decoder VAE (DESIGN.md section 6).
+
+The prediction is the argmax of the decoder weights. Scenes: foreground ARI (background ids excluded,
+per image, then averaged), full ARI, mean segmentation covering, per-decoder mask area (collapse
+shows as decoders with ~0 area). Volumes: Dice of decoders vs tissue classes after Hungarian matching.
+Latent probe: per-decoder latents -> which shapes are present, cross-validated, next to a baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score
+
+TISSUES = {1: "CSF", 2: "GM", 3: "WM"}
+
+
+def argmax_segmentation(weights: torch.Tensor) -> torch.Tensor:
+    """Decoder weights [B, K, 1, *S] -> segmentation [B, *S] int64 (index of the winning decoder)."""
+    return weights.argmax(dim=1).squeeze(1).long()
+
+
+def _flat(a: Any) -> np.ndarray:
+    return np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a).reshape(-1)
+
+
+def foreground_ari(true: Any, pred: Any, background_ids: Sequence[int]) -> float:
+    """ARI on the pixels whose true id is not a background id (nan when the image has no foreground).
+
+    Args:
+        true: true id map [*S] (instance ids and background ids).
+        pred: predicted segment map [*S].
+        background_ids: ids in `true` that are background (sky, floor, wall).
+    """
+    t, p = _flat(true), _flat(pred)
+    fg = ~np.isin(t, np.asarray(list(background_ids)))
+    if not fg.any():
+        return float("nan")
+    return float(adjusted_rand_score(t[fg], p[fg]))
+
+
+def full_ari(true: Any, pred: Any) -> float:
+    """ARI over all pixels (background ids count as segments)."""
+    return float(adjusted_rand_score(_flat(true), _flat(pred)))
+
+
+def segmentation_covering(true: Any, pred: Any, background_ids: Sequence[int]) -> float:
+    """Mean segmentation covering: the mean over true foreground segments of their best IoU with a predicted segment.
+
+    Unweighted (each object counts once, as mSC in GENESIS); nan when the image has no foreground.
+    scikit-learn has no covering metric, so it is computed here from the contingency table.
+    """
+    t, p = _flat(true), _flat(pred)
+    ts = [v for v in np.unique(t) if v not in set(background_ids)]
+    if not ts:
+        return float("nan")
+    _, p_inv = np.unique(p, return_inverse=True)
+    p_area = np.bincount(p_inv)
+    ious = []
+    for v in ts:
+        sel = t == v
+        inter = np.bincount(p_inv[sel], minlength=p_area.size)  # overlap with each predicted segment
+        ious.append(float((inter / (sel.sum() + p_area - inter)).max()))
+    return float(np.mean(ious))
+
+
+def mask_areas(pred: Any, num_decoders: int) -> np.ndarray:
+    """Fraction of all pixels won by each decoder [K] (collapse: a few decoders take everything)."""
+    counts = np.bincount(_flat(pred).astype(np.int64), minlength=num_decoders)[:num_decoders]
+    return counts / max(counts.sum(), 1)
+
+
+def scene_metrics(true_masks: Any, pred: Any, background_ids: Sequence[Sequence[int]] | Sequence[int],
+                  num_decoders: int) -> dict[str, Any]:
+    """Per-image metrics averaged over a set of scene images.
+
+    Args:
+        true_masks: [N, *S] true id maps.
+        pred: [N, *S] predicted segmentations (argmax decoder).
+        background_ids: one list for all images, or one list per image.
+        num_decoders: K.
+    Returns:
+        dict with fg_ari, full_ari, msc (means over images with foreground), per-image lists, mask_area [K]
+        and decoders_used (decoders winning at least 1% of the pixels).
+    """
+    n = len(true_masks)
+    per_image = isinstance(background_ids[0], (list, tuple, np.ndarray)) if len(background_ids) else False
+    fg, full, msc = [], [], []
+    for i in range(n):
+        bg = background_ids[i] if per_image else background_ids
+        fg.append(foreground_ari(true_masks[i], pred[i], bg))
+        full.append(full_ari(true_masks[i], pred[i]))
+        msc.append(segmentation_covering(true_masks[i], pred[i], bg))
+    area = mask_areas(pred, num_decoders)
+    return {
+        "images": n,
+        "fg_ari": float(np.nanmean(fg)) if np.isfinite(fg).any() else float("nan"),
+        "fg_ari_std": float(np.nanstd(fg)) if np.isfinite(fg).any() else float("nan"),
+        "full_ari": float(np.mean(full)),
+        "msc": float(np.nanmean(msc)) if np.isfinite(msc).any() else float("nan"),
+        "mask_area": [round(float(a), 5) for a in area],
+        "decoders_used": int((area >= 0.01).sum()),
+        "per_image": {"fg_ari": fg, "full_ari": full, "msc": msc},
+    }
+
+
+def dice_matrix(pred: torch.Tensor, true: torch.Tensor, num_decoders: int, classes: Sequence[int]) -> np.ndarray:
+    """Dice of every decoder's mask vs every true class, pooled over the whole set, [K, len(classes)].
+
+    Computed from the contingency table (MONAI's Dice compares matched channels only, not all pairs).
+    """
+    p = _flat(pred).astype(np.int64)
+    t = _flat(true).astype(np.int64)
+    size = max(int(t.max(initial=0)), max(classes)) + 1
+    table = np.bincount(p * size + t, minlength=num_decoders * size)[: num_decoders * size]
+    table = table.reshape(num_decoders, size)  # [K, true label] voxel counts
+    inter = table[:, list(classes)].astype(np.float64)
+    pred_area = np.bincount(p, minlength=num_decoders)[:num_decoders].astype(np.float64)
+    true_area = np.array([(t == c).sum() for c in classes], dtype=np.float64)
+    denom = pred_area[:, None] + true_area[None, :]
+    return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 0.0)
+
+
+def tissue_dice(pred: torch.Tensor, tissue: torch.Tensor, num_decoders: int,
+                tissues: dict[int, str] | None = None) -> dict[str, Any]:
+    """Dice of decoders vs tissue classes after Hungarian matching (one decoder per tissue, max total Dice).
+
+    Args:
+        pred: [N, *S] argmax decoder per voxel.
+        tissue: [N, *S] tissue labels (0 background, 1 CSF, 2 GM, 3 WM).
+        num_decoders: K.
+        tissues: label -> name of the classes to match (default CSF, GM, WM).
+    Returns:
+        dict with per-tissue Dice, mean Dice, the matching decoder -> tissue and the full Dice matrix.
+    """
+    tissues = tissues or TISSUES
+    labels = list(tissues)
+    dm = dice_matrix(pred, tissue, num_decoders, labels)  # [K, T]
+    rows, cols = linear_sum_assignment(-dm)
+    per = {tissues[labels[c]]: float(dm[r, c]) for r, c in zip(rows, cols, strict=True)}
+    for name in tissues.values():
+        per.setdefault(name, 0.0)  # fewer decoders than tissues: unmatched tissues score 0
+    return {
+        "dice": per,
+        "mean_dice": float(np.mean(list(per.values()))),
+        "matching": {f"decoder_{r}": tissues[labels[c]] for r, c in zip(rows, cols, strict=True)},
+        "dice_matrix": [[round(float(v), 4) for v in row] for row in dm],
+    }
+
+
+def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, names: Sequence[str],
+                 folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Predict which shapes are present from the per-decoder latents, cross-validated by scene.
+
+    One logistic regression per shape (multi-label) on the flattened means [N, K*L], standardised,
+    with GroupKFold over scene ids (frames of one scene never straddle train and test); the baseline
+    predicts each label's training-fold majority.
+
+    Args:
+        mu: [N, K, L] posterior means.
+        targets: [N, T] multi-hot labels (e.g. sphere, box, cylinder present).
+        groups: scene id per item.
+        names: label names [T].
+        folds: number of CV folds (reduced to the number of groups when fewer).
+        seed: random state of the classifier.
+    """
+    from sklearn.dummy import DummyClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(mu, dtype=np.float64).reshape(len(mu), -1)  # [N, K, L] -> [N, K*L]
+    y = np.asarray(targets, dtype=np.int64)
+    groups = np.asarray(list(groups))
+    k = min(folds, len(np.unique(groups)))
+    if k < 2:
+        return {"error": "need at least 2 scenes for a cross-validated probe"}
+    cv = GroupKFold(n_splits=k)
+    results: dict[str, Any] = {"folds": k, "items": int(len(y)), "labels": list(names)}
+    preds = {"probe": np.zeros_like(y), "baseline": np.zeros_like(y)}
+    for j in range(y.shape[1]):
+        for key in preds:
+            if key == "probe":
+                est = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
+            else:
+                est = DummyClassifier(strategy="most_frequent")
+            try:
+                preds[key][:, j] = cross_val_predict(est, x, y[:, j], cv=cv, groups=groups)
+            except ValueError:  # a label constant within a training fold: fall back to the majority
+                preds[key][:, j] = cross_val_predict(DummyClassifier(strategy="most_frequent"), x, y[:, j],
+                                                     cv=cv, groups=groups)
+    for key, pred in preds.items():
+        results[key] = {
+            "label_accuracy": {n: float((pred[:, j] == y[:, j]).mean()) for j, n in enumerate(names)},
+            "mean_label_accuracy": float((pred == y).mean()),
+            "exact_match": float((pred == y).all(axis=1).mean()),
+        }
+    results["positive_rate"] = {n: float(y[:, j].mean()) for j, n in enumerate(names)}
+    return results
