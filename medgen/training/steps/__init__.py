@@ -39,6 +39,9 @@ class StepContext:
         iteration: 0-based index of the current iteration.
         total_iterations: planned length of the run (for schedules such as KL warm-up).
         scalers: one GradScaler per optimizer name (only active for fp16).
+        grad_sync: called with each optimizer after backward and before its step (data-parallel
+            gradient averaging, medgen.training.distributed.average_gradients); None in one process.
+        rank, world_size: this process's share of the global batch (data-parallel runs).
     """
 
     precision: Precision
@@ -46,6 +49,9 @@ class StepContext:
     iteration: int = 0
     total_iterations: int = 1
     scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
+    grad_sync: Callable[[torch.optim.Optimizer], None] | None = None
+    rank: int = 0
+    world_size: int = 1
 
     def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, name: str,
                       retain_graph: bool = False) -> None:
@@ -54,14 +60,25 @@ class StepContext:
         opt.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward(retain_graph=retain_graph)
+            if self.grad_sync is not None:
+                self.grad_sync(opt)
             scaler.step(opt)
             scaler.update()
         else:
             loss.backward(retain_graph=retain_graph)
+            if self.grad_sync is not None:
+                self.grad_sync(opt)
             opt.step()
 
     def randn(self, *shape: int, device: torch.device) -> torch.Tensor:
-        """Standard normal noise from the context's generator."""
+        """Standard normal noise from the context's generator.
+
+        In a data-parallel run the first dimension is this rank's batch: the global batch's noise is drawn
+        (same generator state on every rank) and this rank's rows returned, as in a single-process run.
+        """
+        if self.world_size > 1 and shape:
+            full = torch.randn(shape[0] * self.world_size, *shape[1:], generator=self.generator, device=device)
+            return full[self.rank * shape[0]:(self.rank + 1) * shape[0]]
         return torch.randn(*shape, generator=self.generator, device=device)
 
 
