@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from medgen.evaluation.segmentation import (
+    argmax_segmentation,
+    foreground_ari,
+    full_ari,
+    latent_probe,
+    mask_areas,
+    scene_metrics,
+    segmentation_covering,
+    tissue_dice,
+)
+
+BG = [0, 1, 2]
+TRUE = np.array([[0, 0, 3, 3, 4, 4],
+                 [1, 1, 3, 3, 4, 4],
+                 [1, 2, 5, 5, 5, 5]])
+
+
+def test_ari_edge_cases():
+    assert foreground_ari(TRUE, TRUE, BG) == pytest.approx(1.0)
+    relabelled = np.where(TRUE == 3, 9, np.where(TRUE == 4, 3, TRUE))  # ARI ignores label names
+    assert foreground_ari(TRUE, relabelled, BG) == pytest.approx(1.0)
+    assert foreground_ari(TRUE, np.zeros_like(TRUE), BG) == pytest.approx(0.0)  # all in one segment
+    # background ignored: whatever is predicted on sky/floor/wall pixels does not change FG-ARI
+    noisy_bg = TRUE.copy()
+    noisy_bg[np.isin(TRUE, BG)] = 7
+    assert foreground_ari(TRUE, noisy_bg, BG) == pytest.approx(1.0)
+    assert full_ari(TRUE, noisy_bg) < 1.0
+    assert full_ari(TRUE, TRUE) == pytest.approx(1.0)
+    assert np.isnan(foreground_ari(np.zeros((2, 2)), np.zeros((2, 2)), BG))
+    # a split object scores below 1
+    split = TRUE.copy()
+    split[2, 2:4] = 8
+    assert foreground_ari(TRUE, split, BG) < 1.0
+
+
+def test_covering_and_areas():
+    assert segmentation_covering(TRUE, TRUE, BG) == pytest.approx(1.0)
+    merged = np.where(np.isin(TRUE, [3, 4]), 3, TRUE)
+    # objects 3 and 4 (4 px each) merged into one 8 px segment: IoU 0.5 each, object 5 exact
+    assert segmentation_covering(TRUE, merged, BG) == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    pred = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    assert mask_areas(pred, 3).tolist() == [0.5, 0.5, 0.0]
+
+
+def test_scene_metrics_summary():
+    pred = np.stack([TRUE % 3, np.zeros_like(TRUE)])
+    m = scene_metrics(np.stack([TRUE, TRUE]), pred, [BG, BG], 3)
+    assert m["images"] == 2 and len(m["per_image"]["fg_ari"]) == 2
+    assert m["per_image"]["fg_ari"][1] == pytest.approx(0.0)
+    assert m["fg_ari"] == pytest.approx(np.mean(m["per_image"]["fg_ari"]))
+    assert sum(m["mask_area"]) == pytest.approx(1.0)
+
+
+def test_argmax_segmentation():
+    w = torch.zeros(1, 3, 1, 2, 2)
+    w[0, 2, 0, 0, 0] = 1
+    w[0, 1, 0, 1, 1] = 1
+    assert argmax_segmentation(w).tolist() == [[[2, 0], [0, 1]]]
+
+
+def test_tissue_dice_hungarian_matching():
+    rng = np.random.default_rng(0)
+    tissue = torch.from_numpy(rng.integers(0, 4, size=(2, 6, 6, 6)))
+    perm = torch.tensor([4, 2, 0, 1])  # decoder for background, CSF, GM, WM
+    res = tissue_dice(perm[tissue], tissue, num_decoders=5)
+    assert res["dice"] == {"CSF": pytest.approx(1.0), "GM": pytest.approx(1.0), "WM": pytest.approx(1.0)}
+    assert res["matching"] == {"decoder_0": "GM", "decoder_1": "WM", "decoder_2": "CSF"}
+    noisy = perm[tissue].clone()
+    noisy[0, :3] = 3
+    assert res["mean_dice"] > tissue_dice(noisy, tissue, num_decoders=5)["mean_dice"]
+
+
+def test_latent_probe_beats_baseline_on_informative_latents():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(120, 3))
+    mu = rng.normal(size=(120, 2, 4))
+    mu[:, 0, :3] += 3 * y  # decoder 0 encodes the labels
+    groups = [f"s{i // 2}" for i in range(120)]
+    res = latent_probe(mu, y, groups, names=["sphere", "box", "cylinder"])
+    assert res["probe"]["mean_label_accuracy"] > 0.9
+    assert res["baseline"]["mean_label_accuracy"] < 0.7
+    noise = latent_probe(rng.normal(size=(120, 2, 4)), y, groups, names=["a", "b", "c"])
+    assert noise["probe"]["mean_label_accuracy"] < 0.7
