@@ -33,6 +33,7 @@ def load_dataset(
     group_column: str | None = None,
     size: int = 64,
     class_names: Sequence[str] | None = None,
+    spacing: float | None = None,
 ) -> ImageSet:
     """Read, validate and preprocess a dataset into memory.
 
@@ -44,10 +45,11 @@ def load_dataset(
         group_column: table column / datalist key with the subject id (repeated scans share it).
         size: voxels per side of the training grid (volumes only).
         class_names: class order to use instead of the file's.
+        spacing: voxel size (mm) of the training grid; default 192 mm / size (3 mm at 64, the phantom's).
 
     Returns:
-        ImageSet with images [N, 1, size, size, size] in [-1, 1] and the training-space affine
-        (scenes: whatever medgen.data.scenes returns).
+        ImageSet with images [N, 1, size, size, size] in [-1, 1] and the training-space affine (RAS; the
+        images' own common affine when they share one, else centred at world 0) (scenes: whatever medgen.data.scenes returns).
     """
     if detect_kind(spec) == "scenes":
         from medgen.data.scenes import load_scene_dataset
@@ -57,4 +59,4 @@ def load_dataset(
 
     data = read_datalist(spec, image_column=image_column, label_column=label_column,
                          group_column=group_column, class_names=class_names)
-    return preprocess_records(data.records, data.class_names, size=size)
+    return preprocess_records(data.records, data.class_names, size=size, spacing=spacing)

@@ -2,7 +2,7 @@
 
 Preprocessing (per volume, cached in memory as one tensor):
     LoadImaged -> check 3D / finite / not constant -> EnsureChannelFirstd -> Orientationd(RAS)
-    -> Spacingd(3 mm) -> CropForegroundd (only when the volume does not fit the grid, so data already in the
+    -> Spacingd(192 mm / size: 3 mm at 64^3) -> CropForegroundd (only when the volume does not fit the grid, so data already in the
     training space passes unchanged) -> ScaleIntensityRangePercentilesd(0.5, 99.5 -> [-1, 1], clip)
     -> ResizeWithPadOrCropd(size^3, pad -1 = background).
 Tissue maps, when present, follow the same spatial steps with nearest-neighbour sampling.
@@ -23,27 +23,33 @@ import torch
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
 
-TRAINING_SPACING_MM = 3.0
+FIELD_OF_VIEW_MM = 192.0  # the training grid always spans 192 mm: 3 mm voxels at 64^3 (as the phantom)
 PERCENTILES = (0.5, 99.5)
 INTENSITY_RANGE = (-1.0, 1.0)
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def training_affine(size: int = 64, spacing: float = TRAINING_SPACING_MM, spatial_dims: int = 3) -> np.ndarray:
+def training_spacing(size: int) -> float:
+    """Voxel size (mm) of the size^3 training grid: 192 mm field of view, 3 mm at size 64."""
+    return FIELD_OF_VIEW_MM / int(size)
+
+
+def training_affine(size: int = 64, spacing: float | None = None, spatial_dims: int = 3) -> np.ndarray:
     """The canonical training-space affine: RAS, isotropic `spacing` mm, grid centre at world (0, 0, 0).
 
     Args:
         size: voxels per side.
-        spacing: voxel size in mm.
+        spacing: voxel size in mm (default training_spacing(size)).
         spatial_dims: 3 (a 4x4 affine) or 2 (3x3).
     """
+    spacing = training_spacing(size) if spacing is None else float(spacing)
     affine = np.eye(spatial_dims + 1)
     affine[:spatial_dims, :spatial_dims] *= spacing
     affine[:spatial_dims, spatial_dims] = -spacing * (size - 1) / 2.0
     return affine
 
 
-def normalisation_record(size: int, spacing: float = TRAINING_SPACING_MM) -> dict[str, Any]:
+def normalisation_record(size: int, spacing: float) -> dict[str, Any]:
     """How raw intensities and geometry were mapped (stored in ImageSet.normalisation and checkpoints)."""
     return {
         "method": "ScaleIntensityRangePercentiles",
@@ -167,10 +173,10 @@ class Preprocessor:
 
     Args:
         size: output voxels per side.
-        spacing: output voxel size in mm.
+        spacing: output voxel size in mm (default training_spacing(size): 3 mm at 64).
     """
 
-    def __init__(self, size: int = 64, spacing: float = TRAINING_SPACING_MM):
+    def __init__(self, size: int = 64, spacing: float | None = None):
         from monai.transforms import (
             Compose,
             CropForegroundd,
@@ -184,7 +190,7 @@ class Preprocessor:
         if int(size) < 4:
             raise MedgenError(f"size {size}: volumes need at least 4 voxels per side")
         self.size = int(size)
-        self.spacing = float(spacing)
+        self.spacing = training_spacing(self.size) if spacing is None else float(spacing)
         grid = (self.size,) * 3
         self.load = {k: LoadImaged(k, image_only=True) for k in ("image", "tissue")}
         self.spatial = {
@@ -273,7 +279,7 @@ def preprocess_records(
     class_names: Sequence[str],
     *,
     size: int = 64,
-    spacing: float = TRAINING_SPACING_MM,
+    spacing: float | None = None,
     description: str = "loading volumes",
 ) -> ImageSet:
     """Run every record through the Preprocessor and stack the results in memory.
@@ -282,12 +288,13 @@ def preprocess_records(
         records: dicts with image (path), label (int), subject and optionally tissue (path).
         class_names: names of the label indices.
         size: output voxels per side.
-        spacing: output voxel size in mm.
+        spacing: output voxel size in mm (default training_spacing(size): 3 mm at 64).
         description: progress bar label.
     """
     from medgen.console import track
 
     prep = Preprocessor(size=size, spacing=spacing)
+    spacing = prep.spacing
     images, tissues, affines = [], [], []
     threads = torch.get_num_threads()
     # Per-volume ops are small: one thread is faster than several (thread wake-up dominates, badly so on a

@@ -58,15 +58,16 @@ def mixed_table(tmp_path):
 
 
 def test_table_to_training_grid(mixed_table):
-    data = load_dataset(mixed_table, group_column="subject", size=16)
+    data = load_dataset(mixed_table, group_column="subject", size=16, spacing=3.0)
     assert data.images.shape == (6, 1, 16, 16, 16) and data.images.dtype == torch.float32
     assert float(data.images.min()) == -1.0 and float(data.images.max()) == 1.0
     assert torch.isfinite(data.images).all()
     assert data.labels.tolist() == [0, 1, 0, 1, 0, 1] and data.class_names == ["CN", "AD"]
     assert data.subjects == ["sub0", "sub0", "sub1", "sub1", "sub2", "sub2"]
     # different input grids -> the canonical centred 3 mm RAS affine
-    np.testing.assert_allclose(data.affine, training_affine(16))
+    np.testing.assert_allclose(data.affine, training_affine(16, 3.0))
     np.testing.assert_allclose(data.affine[:3, 3], [-22.5] * 3)
+    assert data.normalisation["spacing_mm"] == [3.0] * 3
     assert data.normalisation["method"] == "ScaleIntensityRangePercentiles"
     assert data.normalisation["percentiles"] == [0.5, 99.5] and data.normalisation["range"] == [-1.0, 1.0]
     assert data.sources[0].endswith("s0.nii.gz") and "tissue" not in data.extras
@@ -81,7 +82,7 @@ def test_orientation_is_undone(tmp_path):
     las_aff = odd_affine(flip_x=True)
     las_aff[0, 3] = -10.0 + 2.0 * 19  # same world position of the grid, stored mirrored
     las = save(tmp_path / "las.nii.gz", vol[::-1].copy(), las_aff)
-    prep = Preprocessor(size=16)
+    prep = Preprocessor(size=16, spacing=3.0)
     a = prep({"image": str(ras)})["image"]
     b = prep({"image": str(las)})["image"]
     assert a.shape == (1, 16, 16, 16)
@@ -96,14 +97,15 @@ def test_large_volume_is_cropped_to_foreground(tmp_path):
     vol = np.zeros((80, 80, 80), np.float32)
     vol[30:60, 30:60, 30:60] = blob((30, 30, 30))  # off-centre object in a large field of view
     path = save(tmp_path / "big.nii.gz", vol, np.diag([1.0, 1.0, 1.0, 1.0]))
-    out = Preprocessor(size=16)({"image": str(path)})["image"]
+    out = Preprocessor(size=16, spacing=3.0)({"image": str(path)})["image"]
     assert out.shape == (1, 16, 16, 16)
     assert float(out[0, 8, 8, 8]) > 0.5  # object centred by the foreground crop
 
 
 def test_training_space_input_is_unchanged_and_keeps_tissue(tmp_path):
-    """Data already in the training grid (as the phantom writes it) passes through geometrically unchanged."""
-    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    """Data already in the training grid (as the phantom writes it: 192 mm field of view, so 12 mm voxels at 16^3)
+    passes through geometrically unchanged."""
+    aff = np.diag([12.0, 12.0, 12.0, 1.0])
     aff[:3, 3] = [-90.0, -126.0, -72.0]
     entries = []
     for i in range(4):
@@ -127,6 +129,7 @@ def test_training_space_input_is_unchanged_and_keeps_tissue(tmp_path):
         raw = np.asanyarray(nib.load(tmp_path / f"i{i}.nii.gz").dataobj)
         assert np.array_equal((data.images[i, 0] > -1).numpy(), raw > 0)  # same voxels, same place
     assert data.class_counts() == {"CN": 2, "MCI": 1, "AD": 1}
+    assert data.normalisation["spacing_mm"] == [12.0] * 3 and training_affine(64)[0, 0] == 3.0
 
 
 def _bad_files(tmp_path):
