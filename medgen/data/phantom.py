@@ -297,7 +297,7 @@ def make_subject(atlas: Atlas, p: SubjectParams, rng: np.random.Generator) -> Su
     # The velocity is smooth, so it is built and exponentiated on a grid `f` times coarser (8x fewer
     # voxels at f=2) and the displacement interpolated back to the full grid.
     pose = _pose_matrix(p, atlas.affine, shape[0])
-    f = COARSE if shape[0] >= 32 else 1
+    f = COARSE if shape[0] >= 64 else 1
     coarse = (
         np.indices(tuple(s // f for s in shape), dtype=np.float64) * f
     )  # [3, S/f, S/f, S/f] full-grid units
