@@ -1,0 +1,222 @@
+"""Sampling from trained generators: tensors, a BIDS-derivative folder of NIfTI volumes, an on-the-fly Dataset.
+
+The folder (DESIGN.md section 4) is read by a plain MONAI pipeline with no medgen code:
+
+    OUT/dataset_description.json  participants.tsv  datalist.json
+    OUT/sub-synth0001/anat/sub-synth0001_desc-<model>_T1w.nii.gz (+ .json sidecar)
+
+Noise is drawn on the CPU from a seeded generator, so the same seed gives the same volumes on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medgen.errors import MedgenError
+
+
+def sample_images(
+    model: nn.Module,
+    labels: Sequence[int] | torch.Tensor,
+    *,
+    seed: int,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    precision: Any = None,
+) -> torch.Tensor:
+    """Decode one latent per label with `model.sample(z, labels)`; deterministic for a given seed.
+
+    Args:
+        model: a generative model with `latent_dim` and `sample(z, labels)`.
+        labels: class index per image.
+        seed: seed of the CPU generator that draws all latents.
+        batch_size: images decoded per forward pass (does not change the result).
+        device: where the model runs (the model is moved there).
+        precision: optional runtime.Precision whose autocast wraps the decoding.
+    Returns:
+        [N, C, *spatial] float32 on the CPU, clamped to [-1, 1].
+    """
+    if not (hasattr(model, "sample") and hasattr(model, "latent_dim")):
+        raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    g = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(labels.numel(), int(model.latent_dim), generator=g)  # [N, latent_dim]
+    was_training = model.training
+    model.eval()
+    model.to(dev)
+    chunks = []
+    ctx = precision.autocast if precision is not None else _null
+    with torch.no_grad():
+        for i in range(0, labels.numel(), max(1, batch_size)):
+            with ctx():
+                x = model.sample(z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev))
+            chunks.append(x.float().cpu())
+    model.train(was_training)
+    if not chunks:
+        raise MedgenError("no labels to sample")
+    return torch.cat(chunks).clamp_(-1.0, 1.0)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def class_indices(classes: Sequence[str] | None, class_names: Sequence[str], where: str = "checkpoint") -> list[int]:
+    """Map class names to indices (None -> all classes); an unknown name is a clear error."""
+    if not classes:
+        return list(range(len(class_names)))
+    out = []
+    for name in classes:
+        if name not in class_names:
+            raise MedgenError(f"unknown class {name!r}; the {where} has classes: {', '.join(class_names)}")
+        out.append(list(class_names).index(name))
+    return out
+
+
+def split_labels(n: int, classes: Sequence[int]) -> list[int]:
+    """n labels split evenly across `classes` (the first classes get the remainder), grouped by class."""
+    if n < 1:
+        raise MedgenError(f"--n must be at least 1, got {n}")
+    k = len(classes)
+    counts = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    return [c for c, m in zip(classes, counts) for _ in range(m)]
+
+
+def _bids_label(name: str) -> str:
+    """BIDS entity values are alphanumeric: alpha-gan -> alphagan."""
+    return re.sub(r"[^A-Za-z0-9]", "", name) or "model"
+
+
+def write_synthetic(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    n: int,
+    classes: Sequence[str] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    ema: bool = True,
+) -> Path:
+    """Sample `n` volumes from a checkpoint and write the BIDS-derivative folder atomically.
+
+    Args:
+        checkpoint: a checkpoint file or a run folder.
+        out: the output folder (refused when non-empty unless overwrite).
+        n: number of volumes, split evenly across `classes`.
+        classes: class names to sample (default: all the checkpoint's classes).
+        seed: seed of the latents (same seed, same volumes).
+        overwrite: replace an existing folder once the new one is complete.
+        batch_size: volumes decoded per forward pass.
+        device: where the generator runs.
+        ema: sample from the EMA weights when present.
+    Returns:
+        The output folder.
+    """
+    import nibabel as nib
+
+    import medgen
+    from medgen.outputs import atomic_write_json, atomic_write_text, check_output_dir, staged_dir
+    from medgen.runtime import resolve_device
+    from medgen.training.checkpoint import model_from_checkpoint
+
+    check_output_dir(out, overwrite=overwrite)
+    model, meta = model_from_checkpoint(checkpoint, ema=ema)
+    class_names = meta["class_names"]
+    affine = meta["affine"]
+    if affine is None:
+        raise MedgenError(f"checkpoint {meta['path']} has no training affine (a 2D model); synth writes 3D NIfTI volumes")
+    labels = split_labels(n, class_indices(classes, class_names))
+    dev = resolve_device(device) if isinstance(device, str) else device
+    images = sample_images(model, labels, seed=seed, batch_size=batch_size, device=dev)
+    if images.ndim != 5:
+        raise MedgenError(f"checkpoint {meta['path']} produces {images.ndim - 2}D images; synth writes 3D volumes")
+    desc = _bids_label(meta["model"])
+    ckpt_name = Path(meta["path"]).name
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        atomic_write_json(tmp / "dataset_description.json", {
+            "Name": f"medgen synthetic {meta['model']} volumes",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{
+                "Name": "medgen",
+                "Version": medgen.__version__,
+                "Description": f"sampled from {meta['model']} checkpoint {ckpt_name} (sha256 {meta['sha256']}), seed {seed}",
+            }],
+            "Checkpoint": {"file": ckpt_name, "sha256": meta["sha256"], "model": meta["model"], "step": meta["step"]},
+            "Intensity": "model output in [-1, 1] (training normalisation)",
+        })
+        rows = ["participant_id\tgroup\tlabel"]
+        training = []
+        for i, (label, vol) in enumerate(zip(labels, images)):
+            sub = f"sub-synth{i + 1:04d}"
+            rel = f"{sub}/anat/{sub}_desc-{desc}_T1w.nii.gz"
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img = nib.Nifti1Image(vol[0].numpy().astype(np.float32), affine)  # [D, H, W] voxel axes of the affine
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            nib.save(img, str(path))
+            atomic_write_json(path.with_name(path.name.replace(".nii.gz", ".json")), {
+                "seed": seed, "index": i, "class": class_names[label], "label": int(label),
+                "model": meta["model"], "checkpoint": ckpt_name, "checkpoint_sha256": meta["sha256"],
+            })
+            rows.append(f"{sub}\t{class_names[label]}\t{label}")
+            training.append({"image": rel, "label": int(label), "subject": sub})
+        atomic_write_text(tmp / "participants.tsv", "\n".join(rows) + "\n")
+        atomic_write_json(tmp / "datalist.json", {
+            "name": "medgen-synthetic",
+            "description": f"{meta['model']} samples, seed {seed}",
+            "labels": {str(i): c for i, c in enumerate(class_names)},
+            "numTraining": len(training),
+            "training": training,
+        })
+    return Path(out)
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Samples volumes from a checkpoint on the fly: item i is {"image": Tensor[C, *spatial], "label": int}.
+
+    Item i's latent comes from a generator seeded with (seed, i), so items are reproducible in any order
+    and with any number of DataLoader workers.
+
+    Args:
+        checkpoint: a checkpoint file or run folder.
+        n: number of items, split evenly across `classes`.
+        classes: class names (default: all).
+        seed: base seed.
+        device: where the generator runs.
+        ema: use the EMA weights when present.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, n: int, classes: Sequence[str] | None = None,
+                 seed: int = 0, device: str = "cpu", ema: bool = True) -> None:
+        from medgen.training.checkpoint import model_from_checkpoint
+
+        self.model, self.meta = model_from_checkpoint(checkpoint, ema=ema)
+        self.class_names = self.meta["class_names"]
+        self.labels = split_labels(n, class_indices(classes, self.class_names))
+        self.seed = int(seed)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        label = self.labels[i]
+        item_seed = (self.seed * 1_000_003 + i) % (2**63)
+        image = sample_images(self.model, [label], seed=item_seed, batch_size=1, device=self.device)[0]
+        return {"image": image, "label": label}
