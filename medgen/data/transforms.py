@@ -399,7 +399,7 @@ class ClassicalAugmentation:
             return image
         rotate = (0.0, 0.0, params.angle) if self.spatial_dims == 3 else params.angle
         affine = Affine(rotate_params=rotate, translate_params=[float(s) for s in params.shift],
-                        mode="bilinear", padding_mode="border", image_only=True)
+                        mode="bilinear", padding_mode="border", image_only=True, device=image.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = affine(image)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.data import load_dataset
+from medgen.data import load_dataset, require_per_class
 from medgen.data.transforms import (
     ClassicalAugmentation,
     Preprocessor,
@@ -65,6 +65,7 @@ def test_table_to_training_grid(mixed_table):
     assert data.labels.tolist() == [0, 1, 0, 1, 0, 1] and data.class_names == ["CN", "AD"]
     assert data.subjects == ["sub0", "sub0", "sub1", "sub1", "sub2", "sub2"]
     # different input grids -> the canonical centred 3 mm RAS affine
+    assert require_per_class(data, 3, "3 folds") == {"CN": 3, "AD": 3}  # subjects, not the 6 scans
     np.testing.assert_allclose(data.affine, training_affine(16, 3.0))
     np.testing.assert_allclose(data.affine[:3, 3], [-22.5] * 3)
     assert data.normalisation["spacing_mm"] == [3.0] * 3
@@ -232,3 +233,12 @@ def test_augment_2d_and_training_batch_hook():
     assert out is not batch and not torch.equal(out.images, batch.images)
     with pytest.raises(ValueError, match="expected"):
         classical_augmentation(3)(torch.rand(2, 1, 8, 8), torch.Generator())
+
+
+@pytest.mark.gpu
+def test_augment_batch_on_cuda_matches_cpu():
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    cpu = augment_batch(x, torch.Generator().manual_seed(1))
+    gpu = augment_batch(x.cuda(), torch.Generator().manual_seed(1))
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
