@@ -10,7 +10,6 @@ Noise is drawn on the CPU from a seeded generator, so the same seed gives the sa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -91,7 +90,7 @@ def split_labels(n: int, classes: Sequence[int]) -> list[int]:
         raise MedgenError(f"--n must be at least 1, got {n}")
     k = len(classes)
     counts = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    return [c for c, m in zip(classes, counts) for _ in range(m)]
+    return [c for c, m in zip(classes, counts, strict=True) for _ in range(m)]
 
 
 def _bids_label(name: str) -> str:
@@ -161,7 +160,7 @@ def write_synthetic(
         })
         rows = ["participant_id\tgroup\tlabel"]
         training = []
-        for i, (label, vol) in enumerate(zip(labels, images)):
+        for i, (label, vol) in enumerate(zip(labels, images, strict=True)):
             sub = f"sub-synth{i + 1:04d}"
             rel = f"{sub}/anat/{sub}_desc-{desc}_T1w.nii.gz"
             path = tmp / rel
