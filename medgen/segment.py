@@ -151,13 +151,13 @@ def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index:
     return dims
 
 
-def segment(checkpoint: str | Path, data: str | Path, out: str | Path, *, n: int | None = None, panels: int = 16,
+def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path, *, n: int | None = None, panels: int = 16,
             batch_size: int = 16, device: str = "cpu", seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Segment a dataset with a trained parallel-decoder VAE and write the results folder.
 
     Args:
         checkpoint: checkpoint file or run folder of a `parallel-vae` model.
-        data: a `medgen scenes` folder, or volume data (phantom folder, datalist, table).
+        data: a `medgen scenes` folder, volume data (phantom folder, datalist, table) or an ImageSet.
         out: output folder (refused if it exists, unless overwrite).
         n: use the first n images only (all when None).
         panels: number of per-sample picture panels (first items).
@@ -176,7 +176,7 @@ def segment(checkpoint: str | Path, data: str | Path, out: str | Path, *, n: int
     check_output_dir(out, overwrite=overwrite)
     model, meta = model_from_checkpoint(checkpoint, expected_model="parallel-vae")
     kw = meta["kwargs"]
-    ds = load_segment_data(data, int(kw.get("image_size", 64)))
+    ds = data if isinstance(data, ImageSet) else load_segment_data(data, int(kw.get("image_size", 64)))
     if n is not None:
         if n < 1:
             raise MedgenError(f"--n must be at least 1, got {n}")
@@ -193,7 +193,8 @@ def segment(checkpoint: str | Path, data: str | Path, out: str | Path, *, n: int
     pred, mu = res["pred"], res["mu"]
     names = [Path(s).name.split(".")[0] for s in ds.sources] if ds.sources else [f"item-{i:05d}" for i in range(len(ds))]
     metrics: dict[str, Any] = {
-        "checkpoint": str(meta["path"]), "data": str(data), "images": len(ds), "num_decoders": k,
+        "checkpoint": str(meta["path"]), "data": "ImageSet" if isinstance(data, ImageSet) else str(data),
+        "images": len(ds), "num_decoders": k,
         "latent_dim_per_decoder": model.latent_per_decoder, "checkpoint_step": meta.get("step"),
         "soft_area": [round(float(v), 5) for v in res["soft_area"].mean(dim=0)],
     }

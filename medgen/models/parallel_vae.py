@@ -19,7 +19,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from medgen.errors import MedgenError
-from medgen.models.blocks import BOTTLENECK, DownTrunk, num_stages, stage_channels
+from medgen.models.blocks import BOTTLENECK, UPSAMPLES, DownTrunk, num_stages, stage_channels
 from medgen.models.registry import register_model
 
 
@@ -54,11 +54,14 @@ class DecoderBank(nn.Module):
         base_width: per-decoder channels at half resolution (doubling towards the bottleneck).
         num_decoders: K.
         latent_dim: L, latent size per decoder.
+        upsample: "nearest" (upsample + k3 conv) or "transpose" (k4 s2 transposed conv).
     """
 
     def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, base_width: int,
-                 num_decoders: int, latent_dim: int) -> None:
+                 num_decoders: int, latent_dim: int, upsample: str = "nearest") -> None:
         super().__init__()
+        if upsample not in UPSAMPLES:
+            raise MedgenError(f"model 'parallel-vae': upsample must be one of {', '.join(UPSAMPLES)}, got {upsample!r}")
         n = num_stages(image_size, "model 'parallel-vae'")
         k = num_decoders
         self.spatial_dims, self.k, self.out_channels = spatial_dims, k, out_channels
@@ -68,13 +71,17 @@ class DecoderBank(nn.Module):
         self.fc_weight = nn.Parameter(torch.randn(k, latent_dim, features) / latent_dim**0.5)
         self.fc_bias = nn.Parameter(torch.zeros(k, features))
         layers: list[nn.Module] = [nn.ReLU()]
-        for s in range(n, 1, -1):
-            cin, cout = stage_channels(base_width, s), stage_channels(base_width, s - 1)
-            layers.append(Convolution(spatial_dims, k * cin, k * cout, strides=2, kernel_size=4, padding=1,
-                                      is_transposed=True, output_padding=0, groups=k, act="relu", norm="batch"))
-        # last stage: to full resolution, outputs per decoder (no norm, no activation)
-        layers.append(Convolution(spatial_dims, k * stage_channels(base_width, 1), k * out_channels, strides=2,
-                                  kernel_size=4, padding=1, is_transposed=True, output_padding=0, groups=k, conv_only=True))
+        chans = [stage_channels(base_width, s) for s in range(n, 0, -1)] + [out_channels]
+        for i in range(n):
+            cin, cout, last = k * chans[i], k * chans[i + 1], i == n - 1
+            # the last stage outputs the per-decoder image and logit: no norm, no activation
+            extra = dict(conv_only=True) if last else dict(act="relu", norm="batch")
+            if upsample == "transpose":
+                layers.append(Convolution(spatial_dims, cin, cout, strides=2, kernel_size=4, padding=1,
+                                          is_transposed=True, output_padding=0, groups=k, **extra))
+            else:  # nearest upsampling + k3 conv: no checkerboard in the weights (cleaner segmentations)
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                           Convolution(spatial_dims, cin, cout, kernel_size=3, padding=1, groups=k, **extra)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -100,10 +107,12 @@ class ParallelVAE(nn.Module):
         base_width: channels of the first encoder stage and of each decoder's last stage.
         num_classes: accepted for the loop's uniform kwargs; the model is unconditional.
         norm: encoder normalisation (batch | instance | layer | none).
+        upsample: decoder upsampling, "nearest" (upsample + conv) or "transpose" (k4 s2 transposed conv).
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
-                 latent_dim: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch") -> None:
+                 latent_dim: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch",
+                 upsample: str = "nearest") -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         if spatial_dims not in (2, 3):
@@ -121,7 +130,8 @@ class ParallelVAE(nn.Module):
         features = self.encoder.out_channels * BOTTLENECK**spatial_dims
         self.heads = nn.Linear(features, num_decoders * 2 * latent_dim)  # all K latent heads in one matmul
         self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
-                                    base_width=base_width, num_decoders=num_decoders, latent_dim=latent_dim)
+                                    base_width=base_width, num_decoders=num_decoders, latent_dim=latent_dim,
+                                    upsample=upsample)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, C, *S] -> (mu, logvar), each [B, K, L]."""
