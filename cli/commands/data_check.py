@@ -29,8 +29,11 @@ def data_check(
     if not data:
         fail("--data is required (a phantom folder, datalist JSON or CSV/TSV table)")
 
-    from medgen.data.datalist import check_dataset
+    from medgen.data.datalist import check_dataset, detect_kind
 
+    if detect_kind(data) == "scenes":
+        _scenes_summary(data, as_json)
+        return
     report = check_dataset(
         data,
         image_column=image_column or "image",
@@ -91,3 +94,26 @@ def _print_tables(summary: dict) -> None:
         out.print(problems)
     else:
         out.print("no problems found")
+
+
+def _scenes_summary(data: str, as_json: bool) -> None:
+    """A `medgen scenes` folder: loading it validates every scene; print counts, shape and value range."""
+    from medgen.data import load_dataset
+
+    scenes = load_dataset(data)
+    summary = {
+        "source": str(data),
+        "kind": "scenes",
+        "items": len(scenes),
+        "scenes": len(set(scenes.subjects)),
+        "shape": list(scenes.images.shape[1:]),
+        "intensity": {"min": float(scenes.images.min()), "max": float(scenes.images.max())},
+        "problems": [],
+        "ok": True,
+    }
+    if as_json:
+        echo_json(summary)
+    else:
+        typer.echo(f"scenes {data}: {summary['items']} images of {summary['scenes']} scenes, shape "
+                   f"{'x'.join(map(str, summary['shape']))}, values {summary['intensity']['min']:.3g}.."
+                   f"{summary['intensity']['max']:.3g}; no problems found")

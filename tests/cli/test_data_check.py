@@ -133,3 +133,12 @@ def test_subprocess_exit_codes(dataset):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == ["error: class XX has 1 subject; 2 folds need at least 2"]
     assert "XX" in bad.stdout
+
+
+def test_scenes_folder_is_dispatched(tmp_path):
+    scenes = pytest.importorskip("medgen.data.scenes")
+    scenes.write_scenes(tmp_path / "sc", n=2, seed=0, size=32)
+    r = run("--data", tmp_path / "sc", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["kind"] == "scenes" and summary["items"] == 2 and summary["shape"] == [3, 32, 32]
