@@ -60,7 +60,7 @@ def bce_generator_loss(fake_logit: torch.Tensor) -> torch.Tensor:
 
 def gradient_penalty(critic: Callable[..., torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
                      labels: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-                     eps: float = 1e-12) -> torch.Tensor:
+                     alpha: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
     """WGAN-GP penalty E[(||grad_x D(x_hat)||_2 - 1)^2] on random interpolates x_hat (Gulrajani et al. 2017).
 
     The interpolation, the critic call and the gradient run in fp32 with autocast disabled: a double
@@ -72,14 +72,17 @@ def gradient_penalty(critic: Callable[..., torch.Tensor], real: torch.Tensor, fa
         real: real samples [B, ...] (images or latent codes).
         fake: fake samples, same shape as real (detached here).
         labels: class labels [B] passed to the critic, or None for an unconditional critic.
-        generator: source of the interpolation weights.
+        generator: source of the interpolation weights when `alpha` is not given.
+        alpha: interpolation weights [B] in [0, 1] (e.g. drawn by the training step so data-parallel
+            ranks take their share of one global draw); None: uniform draws from `generator`.
         eps: added under the square root so the norm's gradient stays finite at zero.
     """
     with torch.autocast(device_type=real.device.type, enabled=False):
         real = real.detach().float()
         fake = fake.detach().float()
-        # one weight per sample: [B, 1, 1, ...]
-        alpha = torch.rand((real.shape[0],) + (1,) * (real.ndim - 1), generator=generator, device=real.device)
+        if alpha is None:
+            alpha = torch.rand(real.shape[0], generator=generator, device=real.device)
+        alpha = alpha.float().view((real.shape[0],) + (1,) * (real.ndim - 1))  # [B] -> [B, 1, 1, ...]
         x_hat = torch.lerp(real, fake, alpha).requires_grad_(True)
         score = critic(x_hat) if labels is None else critic(x_hat, labels)
         (grad,) = torch.autograd.grad(score.float().sum(), x_hat, create_graph=True)

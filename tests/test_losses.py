@@ -83,3 +83,16 @@ def test_gradient_penalty_is_fp32_and_finite_under_bf16_autocast() -> None:
             assert p.grad is None
             continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_gradient_penalty_uses_given_interpolation_weights() -> None:
+    """D(x) = ||x||^2 / 2 has gradient x: with alpha = 0 the interpolate is `real`, with alpha = 1 `fake`."""
+    real, fake = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+
+    def critic(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x.square().sum(dim=(1, 2, 3))
+
+    for alpha, target in ((torch.zeros(4), real), (torch.ones(4), fake)):
+        expected = (target.flatten(1).norm(dim=1) - 1).square().mean()
+        gp = losses.gradient_penalty(critic, real, fake, None, alpha=alpha)
+        assert gp.item() == pytest.approx(expected.item(), rel=1e-5)

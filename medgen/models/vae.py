@@ -105,18 +105,22 @@ class VAE(nn.Module):
         """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
         return self.decoder(z, labels)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> VAEOutput:
         """Encode, reparameterise, decode.
 
         Args:
             x: images [B, C, *spatial] in [-1, 1].
             labels: class indices [B].
-            generator: source of the reparameterisation noise (training mode); in eval mode z = mu.
+            generator: source of the reparameterisation noise in training mode when `noise` is not given.
+            noise: standard normal eps [B, latent_dim] for z = mu + sigma * eps (any mode).
+                Without noise, eval mode uses z = mu.
         """
         mu, logvar = self.encode(x, labels)
-        if self.training:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + torch.exp(0.5 * logvar) * eps
+        if noise is None and self.training:
+            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        if noise is not None:
+            z = mu + torch.exp(0.5 * logvar) * noise.to(mu.dtype)
         else:
             z = mu
         return VAEOutput(recon=self.decoder(z, labels), mu=mu, logvar=logvar, z=z)

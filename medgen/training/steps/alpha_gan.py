@@ -20,7 +20,7 @@ from torch import nn
 from medgen import losses
 from medgen.errors import MedgenError
 from medgen.training.steps import Batch, Step, StepContext, register_step
-from medgen.training.steps.gan import frozen
+from medgen.training.steps.gan import frozen, uniform
 
 VARIANTS = ("wgan-gp", "bce")
 
@@ -104,7 +104,8 @@ class AlphaGANStep(Step):
         d_loss = self._critic_loss(real_score, fake_score)
         gp = torch.zeros((), device=x.device)
         if wgan:
-            gp = losses.gradient_penalty(D, torch.cat([x, x]), fakes, y2, generator=ctx.generator)
+            alpha = torch.cat([uniform(ctx, b, x.device), uniform(ctx, b, x.device)])
+            gp = losses.gradient_penalty(D, torch.cat([x, x]), fakes, y2, alpha=alpha)
             d_loss = d_loss + self.gp_weight * gp
         ctx.backward_step(d_loss, opt["discriminator"], "discriminator")
 
@@ -115,7 +116,7 @@ class AlphaGANStep(Step):
         c_loss = self._critic_loss(c_scores[:b], c_scores[b:])
         gp_code = torch.zeros((), device=x.device)
         if wgan:
-            gp_code = losses.gradient_penalty(C, z_prior, codes, None, generator=ctx.generator)
+            gp_code = losses.gradient_penalty(C, z_prior, codes, None, alpha=uniform(ctx, b, x.device))
             c_loss = c_loss + self.gp_weight * gp_code
         ctx.backward_step(c_loss, opt["code_discriminator"], "code_discriminator")
 

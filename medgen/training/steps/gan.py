@@ -29,6 +29,12 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def uniform(ctx: StepContext, n: int, device: torch.device) -> torch.Tensor:
+    """n draws from U(0, 1) through ctx.randn (Phi of a standard normal is uniform), so data-parallel
+    ranks take their share of one global draw like all other noise."""
+    return torch.special.ndtr(ctx.randn(n, device=device))
+
+
 @register_step("gan")
 @dataclass
 class GANStep(Step):
@@ -71,7 +77,7 @@ class GANStep(Step):
                 # one critic call on [real; fake]: [2B, C, ...] -> [2B]
                 real_score, fake_score = D(torch.cat([x, fake.to(x.dtype)]), torch.cat([y, y])).chunk(2)
             critic = losses.wgan_critic_loss(real_score, fake_score)
-            gp = losses.gradient_penalty(D, x, fake, y, generator=ctx.generator)
+            gp = losses.gradient_penalty(D, x, fake, y, alpha=uniform(ctx, b, device))
             d_loss = critic + self.gp_weight * gp
             ctx.backward_step(d_loss, opt["discriminator"], "discriminator")
         z = ctx.randn(b, model.latent_dim, device=device)

@@ -51,7 +51,8 @@ class VAEStep(Step):
     def __call__(self, model: nn.Module, batch: Batch, opt: dict[str, torch.optim.Optimizer],
                  ctx: StepContext) -> dict[str, torch.Tensor]:
         with ctx.precision.autocast():
-            out = model(batch.images, batch.labels, generator=ctx.generator)
+            noise = ctx.randn(batch.images.shape[0], model.latent_dim, device=batch.images.device)
+            out = model(batch.images, batch.labels, noise=noise)
         rec = losses.reconstruction(out.recon, batch.images, self.recon)
         kl = losses.kl_divergence(out.mu, out.logvar, per_element=self.kl_per_element)
         loss = rec + self.beta_at(ctx) * kl
