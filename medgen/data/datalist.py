@@ -427,7 +427,12 @@ def _as_int(value: Any) -> int | None:
         try:
             return int(value.strip())
         except ValueError:
+            pass
+        try:
+            f = float(value.strip())  # "1.0" as written by pandas/R
+        except ValueError:
             return None
+        return int(f) if math.isfinite(f) and f.is_integer() else None
     return None
 
 

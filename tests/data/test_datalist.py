@@ -80,6 +80,9 @@ def test_json_integer_labels_without_map(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps(doc))
     data = read_datalist(tmp_path / "list.json")
     assert data.class_names == ["1", "3"] and [r["label"] for r in data.records] == [1, 0, 1, 0]
+    rows = [("image", "label")] + [(f"a{i}.nii.gz", ["0.0", "1.0"][i % 2]) for i in range(4)]
+    table = read_datalist(write_table(tmp_path / "t.csv", rows))
+    assert table.class_names == ["0", "1"] and [r["label"] for r in table.records] == [0, 1, 0, 1]
 
 
 def test_phantom_folder_with_tissue_and_subjects(tmp_path):
