@@ -76,6 +76,16 @@ def test_table_to_training_grid(mixed_table):
     assert float(data.images[0, 0, 0, 0, 0]) == -1.0 and float(data.images[0, 0, 8, 8, 8]) > 0.5
 
 
+def test_default_grid_is_64_cubed_3mm(mixed_table):
+    """The default training space: 64^3, 3 mm RAS, centred; inputs of any grid land in [-1, 1]."""
+    data = load_dataset(mixed_table)
+    assert data.images.shape == (6, 1, 64, 64, 64)
+    assert float(data.images.min()) == -1.0 and float(data.images.max()) == 1.0
+    np.testing.assert_allclose(data.affine, np.array([[3.0, 0, 0, -94.5], [0, 3.0, 0, -94.5],
+                                                      [0, 0, 3.0, -94.5], [0, 0, 0, 1.0]]))
+    assert data.normalisation["size"] == [64] * 3 and data.normalisation["spacing_mm"] == [3.0] * 3
+
+
 def test_orientation_is_undone(tmp_path):
     """A volume stored RAS and the same volume stored LAS (x flipped) give the same training image."""
     vol = blob((20, 24, 18), centre=(0.3, 0.0, 0.0))  # off-centre along x so a flip would show
