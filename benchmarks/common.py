@@ -37,6 +37,7 @@ class Timing:
     min_ms: float
     max_ms: float
     runs: int
+    cpu_ms: float  # median process CPU time per run (all threads): robust to other processes' load
 
 
 def sync(device: torch.device) -> None:
@@ -60,6 +61,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, ite
         fn()
     sync(device)
     times: list[float] = []
+    cpu_times: list[float] = []
     start_all = time.perf_counter()
     for _ in range(iters):
         if device.type == "cuda":
@@ -70,12 +72,14 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, ite
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+            cpu_times.append((time.process_time() - c0) * 1e3)
         if max_seconds is not None and time.perf_counter() - start_all > max_seconds:
             break
-    return Timing(statistics.median(times), min(times), max(times), len(times))
+    cpu_ms = statistics.median(cpu_times) if cpu_times else float("nan")
+    return Timing(statistics.median(times), min(times), max(times), len(times), cpu_ms)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -86,6 +90,19 @@ def reset_peak_memory(device: torch.device) -> None:
     # Linux: writing 5 resets the peak RSS (VmHWM) of this process to its current RSS.
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+
+
+def current_memory_mb(device: torch.device) -> float | None:
+    """Allocated tensor memory (CUDA) or current process RSS (CPU) in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_memory_mb(device: torch.device) -> float | None:

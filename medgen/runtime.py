@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from medgen.errors import MedgenError
 
@@ -35,11 +36,78 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise MedgenError(f"unknown device {name!r}; use auto, cpu or cuda") from e
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (avx512_bf16 or AMX); emulated bf16 is slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def default_precision(device: torch.device) -> str:
-    """The fastest correct precision per device (see benchmarks/README.md for the measurements)."""
+    """The fastest correct precision per device (see benchmarks/README.md for the measurements).
+
+    CUDA: bf16 autocast (TF32 for the fp32 parts) on GPUs with bf16, else TF32; from published best
+    practice, not measured here. CPU: bf16 autocast where oneDNN has native bf16 kernels, else fp32.
+    """
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "tf32"
     return "fp32"
+
+
+def default_channels_last(device: torch.device) -> bool:
+    """Whether models train in channels_last(_3d) by default: yes on CUDA (published best practice for
+    cuDNN bf16 convolutions) and on CPU with oneDNN (measured: benchmarks/README.md)."""
+    return device.type == "cuda"
+
+
+def memory_format(ndim: int) -> torch.memory_format:
+    """channels_last_3d for 5-D tensors, channels_last for 4-D, contiguous otherwise."""
+    return {5: torch.channels_last_3d, 4: torch.channels_last}.get(ndim, torch.contiguous_format)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Convert the conv weights of `model` to channels_last(_3d) in place (inputs follow the weights)."""
+    ndim = next((p.ndim for p in model.parameters() if p.ndim in (4, 5)), None)
+    if ndim is not None:
+        model.to(memory_format=memory_format(ndim))
+    return model
+
+
+def configure_backends(device: torch.device, *, cudnn_benchmark: bool = True) -> None:
+    """Global backend switches for training: cudnn.benchmark picks the fastest conv algorithm per shape
+    (input shapes are fixed during training, so autotuning pays off after the first iteration)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+COMPILE_CHILDREN = ("encoder", "generator", "decoder", "decoders", "backbone", "net")
+
+
+def compile_model(model: nn.Module, *, mode: str | None = None) -> list[str]:
+    """Compile the parts of a model whose graphs need only a first-order backward, in place.
+
+    Critics are left eager: the WGAN-GP gradient penalty differentiates their gradient (double backward),
+    which torch.compile does not support. Models without such a part are compiled whole.
+
+    Args:
+        model: the model; `nn.Module.compile()` keeps the state-dict keys unchanged.
+        mode: torch.compile mode (None, "max-autotune", "reduce-overhead" = CUDA graphs).
+
+    Returns:
+        The names of the compiled children ("" for the whole model).
+    """
+    names = [n for n, _ in model.named_children()]
+    has_critic = any("discriminator" in n or "critic" in n for n in names)
+    if not has_critic:
+        model.compile(mode=mode)
+        return [""]
+    done = []
+    for name, child in model.named_children():
+        if name in COMPILE_CHILDREN:
+            child.compile(mode=mode)
+            done.append(name)
+    return done
 
 
 @dataclass

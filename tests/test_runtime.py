@@ -1,0 +1,139 @@
+"""Runtime defaults: precision per device, channels_last, compile scope, and fast-path correctness."""
+
+import pytest
+import torch
+from torch import nn
+
+from medgen.runtime import (
+    compile_model,
+    cpu_bf16_supported,
+    default_channels_last,
+    default_precision,
+    memory_format,
+    resolve_precision,
+    to_channels_last,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_default_precision_cpu_is_bf16_only_with_native_kernels():
+    name = default_precision(CPU)
+    assert name in ("fp32", "bf16")
+    if not cpu_bf16_supported():
+        assert name == "fp32"
+    prec = resolve_precision("auto", CPU)
+    assert prec.name == name
+    assert not prec.needs_scaler
+
+
+def test_bf16_autocast_runs_convs_in_bf16_on_cpu():
+    prec = resolve_precision("bf16", CPU)
+    conv = nn.Conv3d(2, 4, 3, padding=1)
+    with prec.autocast():
+        y = conv(torch.randn(1, 2, 8, 8, 8))
+    assert y.dtype == torch.bfloat16
+
+
+def test_memory_format_and_channels_last_give_same_outputs():
+    assert memory_format(5) == torch.channels_last_3d
+    assert memory_format(4) == torch.channels_last
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 4, 2, 1), nn.LeakyReLU(0.2), nn.ConvTranspose3d(4, 2, 4, 2, 1))
+    x = torch.randn(2, 1, 8, 8, 8)
+    ref = net(x)
+    to_channels_last(net)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    out = net(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_default_channels_last_is_a_bool():
+    assert isinstance(default_channels_last(CPU), bool)
+
+
+class _WithCritic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(2, 2)
+        self.generator = nn.Linear(2, 2)
+        self.discriminator = nn.Linear(2, 1)
+
+
+def test_compile_model_leaves_critics_eager():
+    model = _WithCritic()
+    keys = set(model.state_dict())
+    done = compile_model(model)
+    assert done == ["encoder", "generator"]
+    assert model.generator._compiled_call_impl is not None
+    assert model.discriminator._compiled_call_impl is None
+    assert set(model.state_dict()) == keys  # checkpoints unchanged by compilation
+
+
+def test_compile_model_compiles_critic_free_models_whole():
+    model = nn.Sequential(nn.Linear(2, 2))
+    assert compile_model(model) == [""]
+    assert model._compiled_call_impl is not None
+
+
+def _first_step_losses(name: str, precision: str, channels_last: bool, device: torch.device) -> dict[str, float]:
+    from medgen.models.registry import create_model, get_model_class
+    from medgen.training.steps import Batch, StepContext, create_step
+
+    torch.manual_seed(0)
+    kwargs = get_model_class(name).tiny_kwargs(3)
+    model = create_model(name, **kwargs).to(device)
+    if channels_last:
+        to_channels_last(model)
+    step = create_step(name)
+    opt = step.optimizers(model, 1e-4)
+    prec = resolve_precision(precision, device)
+    s = kwargs["image_size"]
+    gen = torch.Generator().manual_seed(1)
+    images = (torch.rand(4, 1, s, s, s, generator=gen) * 2 - 1).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last_3d)
+    ctx = StepContext(precision=prec, generator=torch.Generator(device=device).manual_seed(2),
+                      scalers={k: prec.make_scaler() for k in opt})
+    losses = step(model, Batch(images, (torch.arange(4) % 3).to(device)), opt, ctx)
+    return {k: float(v) for k, v in losses.items()}
+
+
+def _assert_close_losses(fast: dict[str, float], ref: dict[str, float], rtol: float, atol: float) -> None:
+    assert fast.keys() == ref.keys()
+    for k in ref:
+        assert abs(fast[k] - ref[k]) <= atol + rtol * abs(ref[k]), (k, fast[k], ref[k])
+
+
+@pytest.mark.parametrize("name", ["gan", "alpha-gan"])
+def test_default_cpu_fast_path_matches_fp32_losses(name):
+    ref = _first_step_losses(name, "fp32", False, CPU)
+    fast = _first_step_losses(name, default_precision(CPU), default_channels_last(CPU), CPU)
+    _assert_close_losses(fast, ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="no native bf16 on this CPU")
+def test_bf16_channels_last_cpu_matches_fp32_losses():
+    ref = _first_step_losses("alpha-gan", "fp32", False, CPU)
+    fast = _first_step_losses("alpha-gan", "bf16", True, CPU)
+    _assert_close_losses(fast, ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_defaults_are_bf16_channels_last():
+    dev = torch.device("cuda")
+    assert default_precision(dev) == ("bf16" if torch.cuda.is_bf16_supported() else "tf32")
+    assert default_channels_last(dev)
+    resolve_precision("bf16", dev)
+    assert torch.backends.cudnn.allow_tf32
+    resolve_precision("fp32", dev)
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gan", "alpha-gan"])
+def test_cuda_fast_path_matches_fp32_losses(name):
+    dev = torch.device("cuda")
+    ref = _first_step_losses(name, "fp32", False, dev)
+    fast = _first_step_losses(name, default_precision(dev), True, dev)
+    _assert_close_losses(fast, ref, rtol=5e-2, atol=5e-2)
