@@ -75,6 +75,7 @@ class ClassifierConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     dropout: float = 0.0
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -88,6 +89,7 @@ class CVConfig:
     augmentation: list[bool] = field(default_factory=lambda: [False, True])
     tstr: bool = True
     generator_iterations: int | None = None
+    synthetic_classes: Literal["match", "balanced"] = "match"
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""`medgen cv-evaluate`: the leakage-safe K-fold augmentation experiment with statistics and a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    ConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    GroupColumnOpt,
+    ImageColumnOpt,
+    LabelColumnOpt,
+    OutOpt,
+    OverwriteOpt,
+    SeedOpt,
+    handle_errors,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("cv-evaluate")(cv_evaluate)
+
+
+def _split_list(value: str, what: str, cast: type) -> list:
+    from medgen.errors import MedgenError
+
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise MedgenError(f"{what} is empty")
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise MedgenError(f"{what} must be a comma-separated list of {cast.__name__} values, got {value!r}") from None
+
+
+@handle_errors
+def cv_evaluate(
+    out: OutOpt,
+    config: ConfigOpt = None,
+    data: DataOpt = None,
+    models: Annotated[
+        str | None, typer.Option("--models", help="Generators to compare, comma-separated (e.g. vae,gan,alpha-gan).")
+    ] = None,
+    fractions: Annotated[
+        str | None, typer.Option("--fractions", help="Synthetic shares of the training set, e.g. 0.33,0.5.")
+    ] = None,
+    folds: Annotated[int | None, typer.Option("--folds", min=2, help="Cross-validation folds.")] = None,
+    seed: SeedOpt = None,
+    fold: Annotated[
+        int | None, typer.Option("--fold", min=0, help="Run only this fold (0-based); jobs share --out, then merge.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run: finished folds and arms are skipped.")
+    ] = False,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Only combine the finished folds in --out into the results.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+    group_column: GroupColumnOpt = None,
+) -> None:
+    """Does synthetic data help a classifier? Subject-level K-fold CV with a held-out test set: per fold,
+    train each generator on the training subjects, then classifiers on real only, real + classical
+    augmentation, real + synthetic at each fraction (with and without augmentation) and synthetic
+    only (TSTR). Writes results.json/.csv/.md and plots to OUT and prints the table."""
+    from medgen.config import load_config, override
+    from medgen.evaluation.cv import merge as merge_folds
+    from medgen.evaluation.cv import run_cv
+
+    if merge:
+        merge_folds(Path(out), echo=True)
+        return
+    cfg = load_config(config)
+    override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,
+             data__label_column=label_column, data__group_column=group_column, cv__folds=folds)
+    if models is not None:
+        cfg.cv.models = _split_list(models, "--models", str)
+    if fractions is not None:
+        cfg.cv.fractions = _split_list(fractions, "--fractions", float)
+    run_cv(cfg, out, fold=fold, resume=resume, overwrite=overwrite, echo=True)
