@@ -58,4 +58,4 @@ class ImageSet:
 
     def class_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.labels, minlength=len(self.class_names)).tolist()
-        return dict(zip(self.class_names, counts))
+        return dict(zip(self.class_names, counts, strict=True))
