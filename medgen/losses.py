@@ -64,8 +64,9 @@ def gradient_penalty(critic: Callable[..., torch.Tensor], real: torch.Tensor, fa
     """WGAN-GP penalty E[(||grad_x D(x_hat)||_2 - 1)^2] on random interpolates x_hat (Gulrajani et al. 2017).
 
     The interpolation, the critic call and the gradient run in fp32 with autocast disabled: a double
-    backward through low-precision activations under AMP gives wrong or non-finite penalties. The
-    result keeps its graph (create_graph=True) so the penalty trains the critic.
+    backward through low-precision activations under AMP gives wrong or non-finite penalties. They
+    also run eagerly when the critic was compiled (torch.compile has no double backward). The result
+    keeps its graph (create_graph=True) so the penalty trains the critic.
 
     Args:
         critic: callable(x) or callable(x, labels) -> scores [B].
@@ -77,7 +78,8 @@ def gradient_penalty(critic: Callable[..., torch.Tensor], real: torch.Tensor, fa
             ranks take their share of one global draw); None: uniform draws from `generator`.
         eps: added under the square root so the norm's gradient stays finite at zero.
     """
-    with torch.autocast(device_type=real.device.type, enabled=False):
+    # force_eager: a critic compiled with torch.compile runs eagerly here (compiled graphs have no double backward)
+    with torch.autocast(device_type=real.device.type, enabled=False), torch.compiler.set_stance("force_eager"):
         real = real.detach().float()
         fake = fake.detach().float()
         if alpha is None:
