@@ -52,13 +52,14 @@ def default_precision(device: torch.device) -> str:
     """
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "tf32"
-    return "fp32"
+    return "bf16" if cpu_bf16_supported() else "fp32"
 
 
 def default_channels_last(device: torch.device) -> bool:
-    """Whether models train in channels_last(_3d) by default: yes on CUDA (published best practice for
-    cuDNN bf16 convolutions) and on CPU with oneDNN (measured: benchmarks/README.md)."""
-    return device.type == "cuda"
+    """Whether models train in channels_last(_3d) by default: on CUDA (published best practice for cuDNN
+    bf16 convolutions; not measured here) and on CPU together with native bf16 (measured: oneDNN's bf16
+    convolutions are fastest in channels_last_3d, see benchmarks/README.md)."""
+    return device.type == "cuda" or default_precision(device) == "bf16"
 
 
 def memory_format(ndim: int) -> torch.memory_format:

@@ -36,7 +36,15 @@ from medgen.console import log, make_progress
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
 from medgen.outputs import atomic_write_text, check_output_dir
-from medgen.runtime import resolve_device, resolve_precision
+from medgen.runtime import (
+    compile_model,
+    configure_backends,
+    default_channels_last,
+    resolve_device,
+    resolve_precision,
+    to_channels_last,
+)
+from medgen.training import distributed
 from medgen.training.checkpoint import (
     BEST_NAME,
     FINAL_NAME,
@@ -145,19 +153,21 @@ def fill_model_kwargs(model_name: str, model_kwargs: dict[str, Any], data: Image
 def prepare_model(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
     """Move to the device, set the memory format and compile submodules (in place; state-dict keys unchanged).
 
-    This is the place to wrap the model for DDP.
+    Defaults per device come from medgen.runtime (channels_last_3d with bf16 on CPU and on CUDA,
+    cudnn.benchmark on CUDA). In a data-parallel run (torchrun) BatchNorm becomes SyncBatchNorm on CUDA
+    and rank 0's weights are copied to every rank; gradients are averaged in StepContext.backward_step.
     """
+    model = distributed.sync_batchnorm(model, device)
     model.to(device)
-    channels_last = train.channels_last if train.channels_last is not None else False
+    configure_backends(device)
+    channels_last = train.channels_last if train.channels_last is not None else default_channels_last(device)
     if channels_last:
-        ndim = next((p.ndim for p in model.parameters() if p.ndim in (4, 5)), None)
-        fmt = torch.channels_last_3d if ndim == 5 else torch.channels_last
-        model.to(memory_format=fmt)
+        to_channels_last(model)
+    distributed.broadcast_model(model)
     if train.compile:
-        # nn.Module.compile() compiles each submodule's forward in place, keeping the state-dict keys;
-        # Steps that need a double backward (gradient penalty) run those parts eagerly themselves.
-        for child in model.children():
-            child.compile()
+        # Compiles the encoder/generator/decoder forwards in place (state-dict keys unchanged); critics stay
+        # eager because the gradient penalty needs their double backward, which torch.compile lacks.
+        compile_model(model)
     return model
 
 
@@ -212,21 +222,25 @@ def fit(
     """
     train = train or TrainConfig()
     out = Path(out)
-    rank, _world = _rank()
+    dev = resolve_device(device) if isinstance(device, str) else device
+    dist_info, dev = distributed.init_distributed(dev)  # no-op unless launched by torchrun
+    rank, world = dist_info.rank, dist_info.world_size
     main = rank == 0
-    check_output_dir(out, overwrite=overwrite, resume=resume)
+    if main:
+        check_output_dir(out, overwrite=overwrite, resume=resume)
     last_path, final_path, best_path = out / LAST_NAME, out / FINAL_NAME, out / BEST_NAME
     if len(data) == 0:
         raise MedgenError("the training data holds no images")
     if train.iterations < 1 or train.batch_size < 1:
         raise MedgenError("train.iterations and train.batch_size must be at least 1")
+    distributed.local_batch_size(min(train.batch_size, len(data)), world)  # the global batch splits evenly
     resuming = resume and last_path.is_file()
     if main and overwrite and not resuming and out.exists():
         shutil.rmtree(out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
 
-    dev = resolve_device(device) if isinstance(device, str) else device
     precision = resolve_precision(train.precision, dev)
 
     # Model, Step, optimizers, scalers, EMA.
@@ -250,7 +264,8 @@ def fit(
     step_gen = torch.Generator(device=dev).manual_seed(seed + 1)
     aug_gen = torch.Generator().manual_seed(seed + 2)
     ctx = StepContext(precision=precision, generator=step_gen, iteration=0,
-                      total_iterations=train.iterations, scalers=scalers)
+                      total_iterations=train.iterations, scalers=scalers,
+                      grad_sync=distributed.average_gradients if world > 1 else None, rank=rank, world_size=world)
 
     cfg_dict = to_plain(config) if config is not None else {
         "seed": seed, "train": dataclasses.asdict(train),
@@ -346,7 +361,7 @@ def fit(
     with make_progress() as progress:
         task = progress.add_task(f"train {model_name}", total=train.iterations, completed=start, info="")
         for it in range(start, train.iterations):
-            idx = order.next()
+            idx = distributed.shard(order.next(), rank, world)  # this rank's share of the global batch
             batch = Batch(images=data.images[idx], labels=data.labels[idx])
             if transform is not None:
                 batch = transform(batch, aug_gen)
@@ -354,7 +369,7 @@ def fit(
                           labels=batch.labels.to(dev, non_blocking=True))
             ctx.iteration = it
             losses = step(model, batch, optimizers, ctx)
-            values = {k: float(v) for k, v in losses.items()}
+            values = distributed.reduce_losses({k: float(v) for k, v in losses.items()})  # global-batch means
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             if bad:
                 kind = "NaN" if math.isnan(values[bad[0]]) else "infinite"
@@ -391,6 +406,7 @@ def fit(
         if not last_path.is_file():
             save_checkpoint(last_path, make_checkpoint(iteration, seconds))
         _finalise(last_path, final_path)
+    distributed.barrier()  # other ranks return only once rank 0's checkpoint is in place
     return FitResult(
         checkpoint=final_path, best=best_path if best_path.is_file() else None, history=history,
         seconds=seconds, iterations=iteration, run_dir=out, stopped_by_time=stopped_by_time,
