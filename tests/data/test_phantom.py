@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -227,3 +228,29 @@ def test_default_cohort_group_means_and_separability(tmp_path):
     folder = ph.generate_cohort(tmp_path / "cohort", n=360, seed=0)
     test_group_means(folder)
     test_separable_but_overlapping(folder)
+
+
+def test_cli_config_section_and_override(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"phantom:\n  n: 4\n  seed: 3\n  size: {SMALL}\n")
+    out = tmp_path / "cohort"
+    result = CliRunner().invoke(app, ["phantom", "--config", str(cfg), "--out", str(out), "--n", "3"])
+    assert result.exit_code == 0, result.output
+    assert ph.read_parameters(out) == {"n": 3, "seed": 3, "effect_scale": 1.0, "size": SMALL}
+
+
+def test_cli_subprocess(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cohort"
+    cmd = [sys.executable, "-m", "cli", "phantom", "--out", str(out), "--n", "3", "--size", str(SMALL)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MEDGEN_QUIET": "1"})
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["subjects"] == 3
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.startswith("error:") and "Traceback" not in again.stderr
