@@ -49,6 +49,30 @@ def _train(model_name: str, rank: int, world: int) -> tuple[list[dict[str, float
     return history, params
 
 
+def _data():
+    import numpy as np
+
+    from medgen.data.dataset import ImageSet
+
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(8, 1, 16, 16, 16, generator=gen) * 2 - 1
+    return ImageSet(images=images, labels=torch.arange(8) % 3, subjects=[f"s{i}" for i in range(8)],
+                    class_names=["CN", "MCI", "AD"], affine=np.eye(4) * 3)
+
+
+def _fit(out: str):
+    """fit() itself: under torchrun env it shards, averages gradients and reduces the logged losses."""
+    from medgen.config import TrainConfig
+    from medgen.training.loop import fit
+
+    train = TrainConfig(iterations=ITERATIONS, batch_size=GLOBAL_BATCH, ema_decay=0.0, precision="fp32",
+                        channels_last=False, log_every=1, sample_every=0, checkpoint_every=0)
+    kwargs = {k: v for k, v in MODELS["classifier"].items() if k not in ("spatial_dims", "in_channels",
+                                                                         "num_classes", "image_size")}
+    result = fit("classifier", _data(), out, model_kwargs=kwargs, train=train, device="cpu", seed=0)
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import os
 
@@ -58,6 +82,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     info, _ = D.init_distributed(torch.device("cpu"))
     assert info.world_size == world and info.rank == rank and info.backend == "gloo"
     results = {name: _train(name, rank, world) for name in MODELS}
+    results["fit"] = _fit(f"{out}_fit")
     torch.save(results, f"{out}.{rank}")
     D.cleanup()
 
@@ -87,6 +112,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     torch.set_num_threads(1)
+    single_fit = _fit(str(tmp_path / "single_fit"))
+    assert ranks[0]["fit"] == ranks[1]["fit"]
+    assert len(single_fit) == ITERATIONS
+    for a, b in zip(ranks[0]["fit"], single_fit, strict=True):
+        assert a["iteration"] == b["iteration"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
+    assert (tmp_path / "rank_fit" / "final.pt").is_file()  # written by rank 0
     for name in MODELS:
         single_hist, single_params = _train(name, 0, 1)
         (hist0, params0), (hist1, params1) = ranks[0][name], ranks[1][name]
