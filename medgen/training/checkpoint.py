@@ -167,11 +167,13 @@ def load_checkpoint(path: str | os.PathLike, expected_model: str | None = None) 
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "Unsupported global" in text or "Weights only load failed" in text:
+        # GLOBAL / REDUCE of a class or function: the file asks to build Python objects
+        if "Unsupported global" in text or "Unsupported class" in text or "global" in text.lower().split("weightsunpickler")[-1]:
             raise MedgenError(
                 f"checkpoint {p} holds Python objects; refusing to load (only weights are accepted)"
             ) from None
-        raise MedgenError(f"checkpoint {p} is corrupt or truncated ({_first_line(text)})") from None
+        detail = text.split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in text else text
+        raise MedgenError(f"checkpoint {p} is corrupt or truncated ({_first_line(detail)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise MedgenError(f"checkpoint {p} is corrupt, truncated or not a PyTorch file ({_first_line(str(e))})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
