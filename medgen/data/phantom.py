@@ -5,7 +5,8 @@ draw parameters (age, sex, head scale, pose, class effects, intensities), thin t
 volume, warp with a diffeomorphism whose log-Jacobian follows the target regional volume changes
 (Poisson solve by FFT for a velocity potential, then scaling and squaring), synthesise the T1
 contrast (tissue means, texture, gamma, bias field, blur, Rician noise), and measure the regional
-volumes from the subject's own warped maps as ground truth. Same seed, same bytes.
+volumes from the subject's own warped maps as ground truth. Same seed, same bytes (for a given
+numpy/scipy build).
 
 Scaling-and-squaring and the FFT Poisson solve are written here with numpy/scipy because MONAI and
 nibabel do not offer a log-Jacobian-driven deformation.
@@ -293,14 +294,13 @@ def make_subject(atlas: Atlas, p: SubjectParams, rng: np.random.Generator) -> Su
     target = target - sulcal * (target.sum() / max(float(sulcal.sum()), 1e-9))
 
     # 3. pull the target back to subject space through the pose, solve for the velocity of the
-    # sampling map (subject -> template shrinks where the subject grows: -L), exponentiate
+    # sampling map (subject -> template shrinks where the subject grows: -L), exponentiate.
     # The velocity is smooth, so it is built and exponentiated on a grid `f` times coarser (8x fewer
     # voxels at f=2) and the displacement interpolated back to the full grid.
     pose = _pose_matrix(p, atlas.affine, shape[0])
     f = COARSE if shape[0] >= 64 else 1
-    coarse = (
-        np.indices(tuple(s // f for s in shape), dtype=np.float64) * f
-    )  # [3, S/f, S/f, S/f] full-grid units
+    # coarse voxel centres in full-grid units, [3, S/f, S/f, S/f]
+    coarse = np.indices(tuple(s // f for s in shape), dtype=np.float64) * f
     posed = np.einsum("ij,j...->i...", pose[:3, :3], coarse) + pose[:3, 3].reshape(3, 1, 1, 1)
     target_subj = ndi.map_coordinates(ndi.gaussian_filter(target, f / 2.0), posed, order=1, mode="constant")
     noise_sd = WARP_RMS_MM / (spacing * f)
