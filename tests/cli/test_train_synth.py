@@ -111,3 +111,17 @@ def test_train_as_subprocess(tiny, config, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["checkpoint"] == str(out / "final.pt")
+
+
+@pytest.mark.slow  # builds a phantom cohort (~30 s on 2 busy cores)
+def test_train_without_data_uses_cached_phantom(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDGEN_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tmp_path / "ph.yaml"
+    cfg.write_text("phantom: {n: 3, size: 16}\ndata: {size: 16}\nmodels: {vae: {base_width: 4, latent_dim: 8}}\n"
+                   "train: {iterations: 1, batch_size: 3, sample_every: 0}\n")
+    r = invoke("train", "vae", "--out", tmp_path / "run", "--config", cfg, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    from medgen.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "run")["class_names"] == ["CN", "MCI", "AD"]
