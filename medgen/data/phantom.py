@@ -25,6 +25,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first use may generate twice
+    fcntl = None
+
 from medgen.data.anatomy import Atlas, load_atlas
 from medgen.errors import MedgenError
 
@@ -527,4 +532,11 @@ def ensure_cohort(
     folder = Path(cache_dir) / f"phantom-n{n}-seed{seed}-es{float(effect_scale):g}-s{size}"
     if read_parameters(folder) == _parameters(n, seed, effect_scale, size):
         return folder
-    return generate_cohort(folder, n=n, seed=seed, effect_scale=effect_scale, size=size, overwrite=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # parallel jobs (e.g. one per fold) share the cache: one generates, the others wait and reuse
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if read_parameters(folder) == _parameters(n, seed, effect_scale, size):
+            return folder
+        return generate_cohort(folder, n=n, seed=seed, effect_scale=effect_scale, size=size, overwrite=True)

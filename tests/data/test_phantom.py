@@ -188,6 +188,23 @@ def test_ensure_cohort_reuses_cache(tmp_path):
     assert b != a and ph.read_parameters(b)["seed"] == 3
 
 
+def test_ensure_cohort_concurrent_callers_generate_once(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+    real = ph.generate_cohort
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ph, "generate_cohort", counting)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: ph.ensure_cohort(tmp_path, n=3, seed=4, size=SMALL), range(2)))
+    assert paths[0] == paths[1] and len(calls) == 1
+    assert ph.read_parameters(paths[0])["seed"] == 4
+
+
 def test_cli(tmp_path):
     from typer.testing import CliRunner
 
@@ -226,6 +243,9 @@ def test_error_mid_generation_leaves_nothing(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_default_cohort_group_means_and_separability(tmp_path):
     folder = ph.generate_cohort(tmp_path / "cohort", n=360, seed=0)
+    img = nib.load(folder / "sub-0001" / "anat" / "sub-0001_T1w.nii.gz")
+    assert img.shape == (64, 64, 64) and img.get_data_dtype() == np.float32
+    assert np.allclose(np.diag(img.affine)[:3], 3.0) and nib.aff2axcodes(img.affine) == ("R", "A", "S")
     test_group_means(folder)
     test_separable_but_overlapping(folder)
 
