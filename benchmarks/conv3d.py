@@ -216,13 +216,21 @@ class Setting:
         return f"{self.precision} {fmt_}{bench}"
 
 
-def settings_grid(device: torch.device, quick: bool) -> list[Setting]:
-    """fp32 NCDHW first (the baseline); TF32 and cudnn.benchmark only exist on CUDA."""
+def settings_grid(device: torch.device, quick: bool, only: list[str] | None = None) -> list[Setting]:
+    """fp32 NCDHW first (the baseline); TF32 and cudnn.benchmark only exist on CUDA.
+
+    Args:
+        device: where the layers run.
+        quick: on CUDA, cudnn.benchmark on only.
+        only: restrict to these precisions (fp32 is always kept as the baseline).
+    """
     precisions = ["fp32"]
     if device.type == "cuda":
         precisions += ["tf32", "bf16"] if torch.cuda.is_bf16_supported() else ["tf32"]
     elif cpu_bf16_supported():
         precisions.append("bf16")
+    if only:
+        precisions = [p for p in precisions if p == "fp32" or p in only]
     benches = [False, True] if device.type == "cuda" else [False]
     if quick and device.type == "cuda":
         benches = [True]
@@ -359,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", type=str, default=None, help="comma list; default 4,16,32 (2 with --quick)")
     p.add_argument("--models", type=str, default="gan,alpha-gan")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement")
+    p.add_argument("--precisions", type=str, default=None, help="comma list to restrict to (fp32 always runs)")
     args = p.parse_args(argv)
 
     device = resolve_bench_device(args.device)
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     iters = args.iters or (2 if args.quick else (10 if device.type == "cuda" else 3))
     warmup = 1 if device.type == "cpu" else 3
     specs, source = derive_specs([m for m in args.models.split(",") if m], width, args.size)
-    settings = settings_grid(device, args.quick)
+    settings = settings_grid(device, args.quick, args.precisions.split(",") if args.precisions else None)
     peak = measure_peak(device, sorted({s.precision for s in settings}), quick=args.quick)
     print(f"layers: {len(specs)} distinct ({source}); width {width}; batches {batches}; "
           f"peak GEMM TFLOP/s {({k: round(v, 3) for k, v in peak.gemm_tflops.items()})}, "

@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="include torch.compile rungs (default: on unless --quick)")
     p.add_argument("--max-seconds", type=float, default=None, help="cap on timed seconds per setting")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rungs", type=int, default=None, help="keep only the first N rungs (plus the default)")
     args = p.parse_args(argv)
 
     device = resolve_bench_device(args.device)
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with_compile = args.with_compile if args.with_compile is not None else not args.quick
     models = [m for m in args.models.split(",") if m]
     settings = ladder(device, with_compile=with_compile)
+    if args.rungs is not None:
+        settings = settings[:args.rungs] + settings[-1:]
     print(f"{device}: width {width}, {size}^3, batch {batch}, {warmup} warm-up + {iters} timed steps per setting",
           file=sys.stderr)
 
