@@ -192,3 +192,12 @@ def test_transform_is_applied_with_generator(tmp_path):
 def test_model_kwargs_contradicting_data_is_an_error(tmp_path):
     with pytest.raises(MedgenError, match="image_size"):
         fit(NAME, tiny_data(), tmp_path / "r", model_kwargs={"image_size": 16}, train=cfg(), device="cpu")
+
+
+def test_2d_data_gives_an_image_grid_montage(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(images=torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, labels=torch.arange(6) % 3,
+                    subjects=[str(i) for i in range(6)], class_names=["a", "b", "c"])
+    res = run(tmp_path / "run", data=data, train=cfg(iterations=2, sample_every=2))
+    assert (tmp_path / "run" / "samples" / "iter_000002.png").stat().st_size > 0
+    assert load_checkpoint(res.checkpoint)["affine"] is None
