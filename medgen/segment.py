@@ -152,7 +152,7 @@ def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index:
 
 
 def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path, *, n: int | None = None, panels: int = 16,
-            batch_size: int = 16, device: str = "cpu", seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
+            batch_size: int = 16, device: str = "auto", seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Segment a dataset with a trained parallel-decoder VAE and write the results folder.
 
     Args:

@@ -29,7 +29,7 @@ def segment(
     """Write per-image segmentations, picture panels, a latent traversal and metrics (FG-ARI, mSC, Dice, probe)."""
     from medgen.segment import segment as run
 
-    metrics = run(checkpoint, data, out, n=n, panels=panels, batch_size=batch_size, device=device or "cpu",
+    metrics = run(checkpoint, data, out, n=n, panels=panels, batch_size=batch_size, device=device or "auto",
                   seed=seed or 0, overwrite=overwrite)
     metrics.pop("traversal_dims", None)
     echo_json(metrics)
