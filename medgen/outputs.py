@@ -18,13 +18,16 @@ from typing import Any
 from medgen.errors import MedgenError
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
+def check_output_dir(
+    path: str | os.PathLike, overwrite: bool = False, resume: bool | None = None
+) -> Path:
     """Refuse an existing, non-empty output folder unless overwrite or resume is set.
 
     Args:
         path: the output folder.
         overwrite: delete what is there (done only when the new output is complete).
-        resume: keep what is there and continue into it.
+        resume: keep what is there and continue into it; None for commands that cannot resume
+            (the error message then does not offer --resume).
     Returns:
         The folder as a Path.
     """
@@ -32,7 +35,8 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: b
     if out.exists() and not out.is_dir():
         raise MedgenError(f"output path {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise MedgenError(f"output folder {out} already exists; pass --overwrite to replace it or --resume to continue")
+        hint = " or --resume to continue" if resume is not None else ""
+        raise MedgenError(f"output folder {out} already exists; pass --overwrite to replace it{hint}")
     return out
 
 
@@ -49,6 +53,9 @@ def staged_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     out = check_output_dir(path, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder should get the usual mode
     try:
         yield tmp
     except BaseException:
