@@ -38,6 +38,9 @@ def train(
     precision: Annotated[
         str | None, typer.Option("--precision", help="auto, fp32, tf32, bf16 or fp16.")
     ] = None,
+    compile_: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoder/generator forwards.")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/last.pt.")] = False,
     overwrite: OverwriteOpt = False,
     image_column: ImageColumnOpt = None,
@@ -56,14 +59,21 @@ def train(
     cfg = load_config(config)
     override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,
              data__label_column=label_column, data__group_column=group_column,
-             train__iterations=iterations, train__batch_size=batch_size, train__precision=precision)
+             train__iterations=iterations, train__batch_size=batch_size, train__precision=precision,
+             train__compile=compile_)
+    import os
+
     from medgen.outputs import check_output_dir
 
-    check_output_dir(out, overwrite=overwrite, resume=resume)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 owns the run folder
+    if rank0:
+        check_output_dir(out, overwrite=overwrite, resume=resume)
     dataset = load_config_data(cfg)
     result = fit(model, dataset, out, model_kwargs=cfg.models.get(model, {}), step_kwargs=cfg.steps.get(model, {}),
                  train=cfg.train, device=cfg.device, seed=cfg.seed, resume=resume, overwrite=overwrite,
                  config=cfg.to_dict())
+    if not rank0:
+        return
     last = result.history[-1] if result.history else {}
     echo_json({
         "model": model,
