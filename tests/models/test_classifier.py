@@ -7,6 +7,16 @@ from medgen.runtime import resolve_precision
 from medgen.training.steps import Batch, StepContext, create_step
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, tiny convolutions are far faster without spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 @pytest.mark.parametrize(("spatial_dims", "name"),
                          [(3, "resnet18"), (3, "densenet121"), (3, "simple"), (2, "resnet18"), (2, "simple")])
 def test_backbones_shapes_and_backward(name, spatial_dims):

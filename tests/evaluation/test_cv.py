@@ -1,0 +1,165 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medgen.config import Config
+from medgen.data.dataset import ImageSet
+from medgen.errors import MedgenError
+from medgen.evaluation import cv as cvmod
+from medgen.evaluation.cv import (
+    LeakageError,
+    allocate,
+    assert_no_leakage,
+    derive_seed,
+    n_synthetic,
+    plan_arms,
+    run_cv,
+)
+from medgen.evaluation.splits import Fold, Splits
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, tiny convolutions are far faster without spinning."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+class Killed(Exception):
+    """Stands in for the process being killed half way."""
+
+
+def tiny_data(n=24, size=16, seed=0):
+    """Three classes that differ in mean intensity, one scan per subject."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    x = torch.randn(n, 1, size, size, size, generator=g) * 0.3 + (labels.float() - 1).view(-1, 1, 1, 1, 1) * 0.5
+    return ImageSet(images=x.clamp(-1, 1), labels=labels, subjects=[f"sub-{i:03d}" for i in range(n)],
+                    class_names=["CN", "MCI", "AD"], affine=np.eye(4))
+
+
+def tiny_config(models=("gan",)):
+    cfg = Config()
+    cfg.device = "cpu"
+    cfg.models = {m: {"base_width": 2, "latent_dim": 8} for m in models}
+    cfg.train.iterations = 2
+    cfg.train.batch_size = 4
+    cfg.train.sample_every = 0
+    cfg.train.checkpoint_every = 1
+    cfg.classifier.base_width = 2
+    cfg.classifier.epochs = 1
+    cfg.classifier.batch_size = 8
+    cfg.cv.folds = 2
+    cfg.cv.test_size = 6
+    cfg.cv.models = list(models)
+    cfg.cv.fractions = [0.5]
+    return cfg
+
+
+def test_arms_plan_and_synthetic_counts():
+    arms = plan_arms(["vae", "gan"], [0.33, 0.5], [False, True], tstr=True)
+    keys = [a.key for a in arms]
+    assert keys[:2] == ["real", "real_aug"]
+    assert "gan_f33_aug" in keys and "tstr_vae" in keys and len(keys) == 2 + 2 * (4 + 1)
+    assert n_synthetic(0.5, 100) == 100 and n_synthetic(0.33, 100) == 49
+    assert allocate(10, [5, 3, 2]) == [5, 3, 2] and sum(allocate(7, [5, 3, 2])) == 7
+    assert allocate(9, [5, 3, 1], "balanced") == [3, 3, 3]
+    with pytest.raises(MedgenError):
+        plan_arms(["gan"], [1.0], [False], tstr=False)
+    assert derive_seed(0, 1, "real") == derive_seed(0, 1, "real") != derive_seed(0, 2, "real")
+
+
+def test_leakage_check_catches_a_planted_leak():
+    prov = {"fold": 0, "val": ["a", "b"], "test": ["t"], "generators": {"gan": ["c", "d"]}, "arms": {"real": ["c"]}}
+    assert_no_leakage(prov)
+    with pytest.raises(LeakageError, match="validation subject b .*generator 'gan'"):
+        assert_no_leakage({**prov, "generators": {"gan": ["c", "b"]}})
+    with pytest.raises(LeakageError, match="test subject t .*arm 'real'"):
+        assert_no_leakage({**prov, "arms": {"real": ["c", "t"]}})
+
+
+def test_run_refuses_splits_that_leak(tmp_path, monkeypatch):
+    data = tiny_data()
+    good = cvmod.make_splits
+
+    def leaky(*args, **kwargs):
+        sp = good(*args, **kwargs)
+        f0 = sp.folds[0]
+        # plant: one validation subject also trains
+        return Splits(sp.seed, sp.test, [Fold(0, f0.train + [f0.val[0]], f0.val)] + sp.folds[1:], sp.class_names)
+
+    monkeypatch.setattr(cvmod, "make_splits", leaky)
+    with pytest.raises(LeakageError, match="leakage in fold 0"):
+        run_cv(tiny_config(), tmp_path / "run", data=data)
+    assert not (tmp_path / "run" / "fold_0" / "arms").exists()  # nothing trained
+
+
+def _strip(results):
+    """Results without timings (the only thing allowed to differ between runs)."""
+    return json.loads(json.dumps(results))["arms"]
+
+
+def test_every_arm_runs_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    data = tiny_data()
+    cfg = tiny_config()
+    full = run_cv(cfg, tmp_path / "full", data=data)
+    keys = [a["arm"] for a in full["arms"]]
+    assert keys == ["real", "real_aug", "gan_f50", "gan_f50_aug", "tstr_gan"]
+    for f in (0, 1):
+        prov = json.loads((tmp_path / "full" / f"fold_{f}" / "provenance.json").read_text())
+        assert set(prov["arms"]) == set(keys) and "gan" in prov["generators"]
+        arm = json.loads((tmp_path / "full" / f"fold_{f}" / "arms" / "gan_f50.json").read_text())
+        assert arm["n_synthetic"] == arm["n_real"] > 0
+        tstr = json.loads((tmp_path / "full" / f"fold_{f}" / "arms" / "tstr_gan.json").read_text())
+        assert tstr["n_real"] == 0 and tstr["n_synthetic"] == arm["n_real"]
+    for name in ("results.json", "results.csv", "results.md", "accuracy.png", "confusion.png", "splits.json"):
+        assert (tmp_path / "full" / name).is_file()
+    assert "Δ test vs real" in (tmp_path / "full" / "results.md").read_text()
+
+    # Interrupt in fold 0 after two arms, then resume.
+    real_run_arm = cvmod.run_arm
+    calls = []
+    resumed_once = False
+
+    def flaky(cfg_, arm, fold, *args, **kwargs):
+        calls.append((fold, arm.key))
+        if len(calls) == 3 and not resumed_once:
+            raise Killed
+        return real_run_arm(cfg_, arm, fold, *args, **kwargs)
+
+    monkeypatch.setattr(cvmod, "run_arm", flaky)
+    with pytest.raises(Killed):
+        run_cv(cfg, tmp_path / "resumed", data=data)
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    calls.clear()
+    resumed_once = True
+    resumed = run_cv(cfg, tmp_path / "resumed", data=data, resume=True)
+    assert (0, "real") not in calls and (0, "gan_f50") in calls  # finished arms skipped
+    a, b = _strip(full), _strip(resumed)
+    for x, y in zip(a, b, strict=True):
+        for key in ("val_accuracy", "test_accuracy", "test_macro_auc", "test_confusion_sum"):
+            assert x[key] == y[key], (x["arm"], key)
+    for f in (0, 1):
+        for k in keys:
+            pa = json.loads((tmp_path / "full" / f"fold_{f}" / "arms" / f"{k}.json").read_text())
+            pb = json.loads((tmp_path / "resumed" / f"fold_{f}" / "arms" / f"{k}.json").read_text())
+            assert pa["test_predictions"] == pb["test_predictions"], (f, k)
+
+    # A finished run refuses to be overwritten silently; --fold joins; --merge re-aggregates.
+    with pytest.raises(MedgenError, match="already exists"):
+        run_cv(cfg, tmp_path / "full", data=data)
+    again = cvmod.merge(tmp_path / "full")
+    assert _strip(again) == _strip(full)
+
+
+def test_too_few_subjects_is_a_clear_error(tmp_path):
+    data = tiny_data(n=9)  # 3 subjects per class
+    cfg = tiny_config()
+    cfg.cv.folds = 3
+    with pytest.raises(MedgenError, match="class 'CN' has 3 subjects"):
+        run_cv(cfg, tmp_path / "run", data=data)
