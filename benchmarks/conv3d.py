@@ -368,9 +368,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--models", type=str, default="gan,alpha-gan")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement")
     p.add_argument("--precisions", type=str, default=None, help="comma list to restrict to (fp32 always runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
 
     device = resolve_bench_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     width = args.base_width or (8 if args.quick else 64)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([2] if args.quick else [4, 16, 32])
     iters = args.iters or (2 if args.quick else (10 if device.type == "cuda" else 3))
