@@ -104,3 +104,19 @@ def test_vae_kl_warmup_and_bad_step_arguments() -> None:
         create_step("vae", recon="huber")
     with pytest.raises(MedgenError, match="l1_weigth|did you mean"):
         create_step("alpha-gan", l1_weigth=5.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vae", "gan", "alpha-gan"])
+def test_one_iteration_at_64_cubed(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, spatial_dims=3, image_size=64, base_width=8, latent_dim=128)
+    step = create_step(name, **({"n_critic": 1} if name == "gan" else {}))
+    opt = step.optimizers(model, 2e-4)
+    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
+                      generator=torch.Generator().manual_seed(0))
+    batch = Batch(images=torch.rand(2, 1, 64, 64, 64) * 2 - 1, labels=torch.tensor([0, 2]))
+    out = step(model, batch, opt, ctx)
+    assert all(torch.isfinite(v) for v in out.values()), out
+    with torch.no_grad():
+        assert model.eval().sample(torch.randn(2, 128), torch.tensor([0, 1])).shape == (2, 1, 64, 64, 64)
