@@ -87,11 +87,15 @@ def mmd(real: torch.Tensor, synthetic: torch.Tensor, *, seed: int = 0) -> float:
 
 def frechet_distance(real_features: torch.Tensor, synthetic_features: torch.Tensor) -> float:
     """Frechet distance between two feature sets [N, F] (MONAI FIDMetric)."""
+    import warnings
+
     from monai.metrics import FIDMetric
 
     if real_features.shape[0] < 2 or synthetic_features.shape[0] < 2:
         return float("nan")
-    return float(FIDMetric()(synthetic_features.double(), real_features.double()))
+    with warnings.catch_warnings():  # fewer samples than features gives singular covariances: expected here
+        warnings.simplefilter("ignore")
+        return float(FIDMetric()(synthetic_features.double(), real_features.double()))
 
 
 def nearest_neighbour_rmse(queries: torch.Tensor, reference: torch.Tensor, *, exclude_self: bool = False) -> torch.Tensor:
@@ -194,7 +198,7 @@ def evaluate_synthesis(
         raise MedgenError(f"the checkpoint makes images of shape {tuple(probe.shape[1:])} but the data has {shape}")
     if extractor is None:
         extractor = feature_extractor(real, seed=seed, iterations=classifier_iterations, device=dev)
-    real_features = extractor(real.images)
+    real_features = extractor(real.images)  # [N, F]
     classes: dict[str, Any] = {}
     for k, name in enumerate(meta["class_names"]):
         idx = torch.nonzero(real.labels == k).flatten()
@@ -226,7 +230,9 @@ def evaluate_synthesis(
         "step": meta["step"],
         "settings": {"seed": seed, "n_pairs": n_pairs, "ms_ssim_kernel": kernel,
                      "ms_ssim_weights": [round(w, 4) for w in weights], "image_shape": list(shape),
-                     "classifier_iterations": classifier_iterations, "nn_distance": "RMSE per voxel, [-1, 1] scale"},
+                     "classifier_iterations": classifier_iterations, "feature_dim": int(real_features.shape[1]),
+                     "nn_distance": "RMSE per voxel, [-1, 1] scale",
+                     "note": "the Frechet distance is noisy when a class has fewer volumes than feature_dim"},
         "classes": classes,
     }
 
