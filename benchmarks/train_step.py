@@ -65,6 +65,7 @@ class Setting:
     channels_last: bool = False
     cudnn_benchmark: bool = False
     compile_mode: str | None = None  # None: eager; "default"; "reduce-overhead" (CUDA graphs)
+    threads: int | None = None  # CPU: torch threads for this setting (None: the process setting)
 
 
 def ladder(device: torch.device, *, with_compile: bool) -> list[Setting]:
@@ -94,6 +95,11 @@ def ladder(device: torch.device, *, with_compile: bool) -> list[Setting]:
     default = Setting("medgen default", default_precision(device), default_channels_last(device),
                       device.type == "cuda")
     out.append(default)
+    if device.type == "cpu" and (os.cpu_count() or 1) > 1:
+        # The same default at another thread count, interleaved with the rest (same load conditions).
+        n = 1 if torch.get_num_threads() > 1 else os.cpu_count()
+        out.append(Setting(f"medgen default, {n} thread{'s' if n > 1 else ''}", default.precision,
+                           default.channels_last, False, None, n))
     return out
 
 
@@ -148,9 +154,15 @@ def prepare(model_name: str, setting: Setting, device: torch.device, *, base_wid
 
     def one_step() -> dict[str, torch.Tensor]:
         # Flags are per setting; settings are interleaved, so set them on every call.
-        with backend_flags(device, tf32=setting.precision in ("tf32", "bf16"),
-                           cudnn_benchmark=setting.cudnn_benchmark):
-            losses = step(model, data, opt, ctx)
+        threads = torch.get_num_threads()
+        if setting.threads:
+            torch.set_num_threads(setting.threads)
+        try:
+            with backend_flags(device, tf32=setting.precision in ("tf32", "bf16"),
+                               cudnn_benchmark=setting.cudnn_benchmark):
+                losses = step(model, data, opt, ctx)
+        finally:
+            torch.set_num_threads(threads)
         ctx.iteration += 1
         return losses
 
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models = [m for m in args.models.split(",") if m]
     settings = ladder(device, with_compile=with_compile)
     if args.rungs is not None:
-        settings = settings[:args.rungs] + settings[-1:]
+        settings = settings[:args.rungs] + [s for s in settings if s.name == "medgen default"]
     print(f"{device}: width {width}, {size}^3, batch {batch}, {warmup} warm-up + {iters} timed steps per setting",
           file=sys.stderr)
 

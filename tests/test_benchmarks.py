@@ -58,4 +58,4 @@ def test_train_step_benchmark_tiny_run_checks_losses(tmp_path):
     rows = [r for r in data["results"] if "error" not in r]
     assert rows[0]["setting"] == "eager fp32" and rows[0]["speedup_vs_baseline"] == pytest.approx(1.0)
     assert all(r["losses_match"] for r in rows), [(r["setting"], r["loss_error_over_tol"]) for r in rows]
-    assert rows[-1]["setting"] == "medgen default"
+    assert "medgen default" in [r["setting"] for r in rows]
