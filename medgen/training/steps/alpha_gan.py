@@ -88,9 +88,9 @@ class AlphaGANStep(Step):
                 both = G(torch.cat([code, z_prior.to(code.dtype)]), y2)
                 both_score = D(both, y2)
                 code_score = C(code)
-            recon, prior = both.chunk(2)
+            recon = both[:b]
             l1 = losses.reconstruction(recon, x, "l1")
-            adv = self._gen_loss(both_score)
+            adv = self._gen_loss(both_score)  # mean over reconstructions and prior samples
             code_adv = self._gen_loss(code_score)
             eg_loss = self.l1_weight * l1 + 2.0 * adv + self.code_weight * code_adv
             ctx.backward_step(eg_loss, opt["encoder_generator"], "encoder_generator")
