@@ -23,6 +23,45 @@ from torch import nn
 from medgen.errors import MedgenError
 
 
+def draw_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """Standard normal latents [n, latent_dim] from a CPU generator seeded with `seed`."""
+    return torch.randn(n, int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def decode(
+    model: nn.Module,
+    z: torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    precision: Any = None,
+) -> torch.Tensor:
+    """Decode latents z [N, latent_dim] with labels [N] by `model.sample`, in eval mode, batch by batch.
+
+    Returns:
+        [N, C, *spatial] float32 on the CPU, clamped to [-1, 1].
+    """
+    if not (hasattr(model, "sample") and hasattr(model, "latent_dim")):
+        raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if labels.numel() == 0:
+        raise MedgenError("no labels to sample")
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    was_training = model.training
+    model.eval()
+    model.to(dev)
+    chunks = []
+    ctx = precision.autocast if precision is not None else _null
+    with torch.no_grad():
+        for i in range(0, labels.numel(), max(1, batch_size)):
+            with ctx():
+                x = model.sample(z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev))
+            chunks.append(x.float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks).clamp_(-1.0, 1.0)
+
+
 def sample_images(
     model: nn.Module,
     labels: Sequence[int] | torch.Tensor,
@@ -38,7 +77,7 @@ def sample_images(
         model: a generative model with `latent_dim` and `sample(z, labels)`.
         labels: class index per image.
         seed: seed of the CPU generator that draws all latents.
-        batch_size: images decoded per forward pass (does not change the result).
+        batch_size: images decoded per forward pass (changes results only by float rounding).
         device: where the model runs (the model is moved there).
         precision: optional runtime.Precision whose autocast wraps the decoding.
     Returns:
@@ -46,24 +85,9 @@ def sample_images(
     """
     if not (hasattr(model, "sample") and hasattr(model, "latent_dim")):
         raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
-    g = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(labels.numel(), int(model.latent_dim), generator=g)  # [N, latent_dim]
-    was_training = model.training
-    model.eval()
-    model.to(dev)
-    chunks = []
-    ctx = precision.autocast if precision is not None else _null
-    with torch.no_grad():
-        for i in range(0, labels.numel(), max(1, batch_size)):
-            with ctx():
-                x = model.sample(z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev))
-            chunks.append(x.float().cpu())
-    model.train(was_training)
-    if not chunks:
-        raise MedgenError("no labels to sample")
-    return torch.cat(chunks).clamp_(-1.0, 1.0)
+    n = len(labels)
+    z = draw_latents(n, model.latent_dim, seed)  # [N, latent_dim]
+    return decode(model, z, labels, batch_size=batch_size, device=device, precision=precision)
 
 
 def _null():
@@ -140,9 +164,11 @@ def write_synthetic(
         raise MedgenError(f"checkpoint {meta['path']} has no training affine (a 2D model); synth writes 3D NIfTI volumes")
     labels = split_labels(n, class_indices(classes, class_names))
     dev = resolve_device(device) if isinstance(device, str) else device
-    images = sample_images(model, labels, seed=seed, batch_size=batch_size, device=dev)
-    if images.ndim != 5:
-        raise MedgenError(f"checkpoint {meta['path']} produces {images.ndim - 2}D images; synth writes 3D volumes")
+    batch_size = max(1, int(batch_size))
+    z = draw_latents(len(labels), model.latent_dim, seed)  # [N, latent_dim], same stream as sample_images
+    probe = decode(model, z[:1], labels[:1], device=dev)
+    if probe.ndim != 5:
+        raise MedgenError(f"checkpoint {meta['path']} produces {probe.ndim - 2}D images; synth writes 3D volumes")
     desc = _bids_label(meta["model"])
     ckpt_name = Path(meta["path"]).name
     with staged_dir(out, overwrite=overwrite) as tmp:
@@ -160,7 +186,11 @@ def write_synthetic(
         })
         rows = ["participant_id\tgroup\tlabel"]
         training = []
-        for i, (label, vol) in enumerate(zip(labels, images, strict=True)):
+        for i, label in enumerate(labels):
+            if i % batch_size == 0:  # decode the next chunk only when needed (bounded memory)
+                chunk = decode(model, z[i : i + batch_size], labels[i : i + batch_size], batch_size=batch_size,
+                               device=dev)
+            vol = chunk[i % batch_size]
             sub = f"sub-synth{i + 1:04d}"
             rel = f"{sub}/anat/{sub}_desc-{desc}_T1w.nii.gz"
             path = tmp / rel

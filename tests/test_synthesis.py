@@ -75,6 +75,10 @@ def test_folder_read_by_plain_monai(run_dir, tmp_path):
         write_synthetic(run_dir, out, n=4, classes=["AD", "CN"], seed=3)
     again = write_synthetic(run_dir, tmp_path / "syn2", n=4, classes=["AD", "CN"], seed=3)
     assert np.array_equal(nib.load(img).get_fdata(), nib.load(again / dl["training"][0]["image"]).get_fdata())
+    model, _ = model_from_checkpoint(run_dir)
+    expected = sample_images(model, [2, 2, 0, 0], seed=3)
+    written = np.stack([nib.load(again / it["image"]).get_fdata() for it in dl["training"]])
+    assert np.allclose(written, expected[:, 0].numpy(), atol=1e-6)  # the files are exactly sample_images
 
 
 def test_unknown_class_is_refused_and_nothing_written(run_dir, tmp_path):
