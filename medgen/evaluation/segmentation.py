@@ -170,6 +170,7 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
     """
     from sklearn.dummy import DummyClassifier
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import GroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -199,6 +200,9 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
             "label_accuracy": {n: float((pred[:, j] == y[:, j]).mean()) for j, n in enumerate(names)},
             "mean_label_accuracy": float((pred == y).mean()),
             "exact_match": float((pred == y).all(axis=1).mean()),
+            # balanced accuracy: 0.5 for any constant guess, so chance is the same for every label
+            "mean_balanced_accuracy": float(np.mean([balanced_accuracy_score(y[:, j], pred[:, j])
+                                                     for j in range(y.shape[1])])),
         }
     results["positive_rate"] = {n: float(y[:, j].mean()) for j, n in enumerate(names)}
     return results
