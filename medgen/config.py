@@ -90,6 +90,7 @@ class CVConfig:
     tstr: bool = True
     generator_iterations: int | None = None
     synthetic_classes: Literal["match", "balanced"] = "match"
+    size: int | None = None  # grid the experiment resamples to (None: data.size), e.g. 32 for CPU runs
 
 
 @dataclass

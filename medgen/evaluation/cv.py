@@ -197,7 +197,7 @@ def load_cv_data(cfg: Config, data: ImageSet | str | Path | None = None) -> tupl
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
     source = cfg.data.path or (f"built-in phantom (n={cfg.phantom.n}, seed={cfg.phantom.seed}, "
                                f"effect_scale={cfg.phantom.effect_scale:g}, size={cfg.phantom.size})")
-    return load_config_data(cfg), source
+    return load_config_data(cfg, size=cfg.cv.size), source
 
 
 def concat(parts: list[ImageSet]) -> ImageSet:
