@@ -144,6 +144,8 @@ class Peak:
 def measure_peak(device: torch.device, precisions: list[str], *, quick: bool = False) -> Peak:
     """Measure a large square GEMM per precision and a large copy, as the run's reference peak.
 
+    The fastest of the timed runs is used (a ceiling; the median would drop under load from other processes).
+
     Args:
         device: where to measure.
         precisions: any of fp32, tf32, bf16 (tf32 only differs from fp32 on CUDA).
@@ -159,12 +161,12 @@ def measure_peak(device: torch.device, precisions: list[str], *, quick: bool = F
         b = torch.randn(n, n, device=device, dtype=dtype)
         with backend_flags(device, tf32=name == "tf32"):
             t = time_fn(lambda a=a, b=b: torch.mm(a, b), device, warmup=2, iters=5 if quick else 10)
-        peak.gemm_tflops[name] = 2 * n**3 / (t.median_ms * 1e-3) / 1e12
+        peak.gemm_tflops[name] = 2 * n**3 / (t.min_ms * 1e-3) / 1e12  # a ceiling: the best run
         del a, b
     numel = (256 if device.type == "cuda" else 32) * 2**20  # float32 elements: 1 GiB / 128 MiB
     buffers = [torch.empty(numel, device=device, dtype=torch.float32) for _ in range(2)]
     t = time_fn(lambda: buffers[1].copy_(buffers[0]), device, warmup=2, iters=10)
-    peak.copy_gbps = 2 * numel * 4 / (t.median_ms * 1e-3) / 1e9
+    peak.copy_gbps = 2 * numel * 4 / (t.min_ms * 1e-3) / 1e9
     buffers.clear()
     return peak
 
