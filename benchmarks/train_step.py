@@ -4,9 +4,10 @@ Each model runs its real Step (`medgen.training.steps.create_step`) with a `Step
 what `medgen train` runs per iteration, under a ladder of settings that adds one optimisation at a
 time over eager fp32 NCDHW:
 
-    CUDA: fp32 -> +TF32 -> +bf16 autocast -> +channels_last_3d -> +cudnn.benchmark
+    CUDA: fp32 -> +TF32 -> +bf16 autocast -> +channels_last_3d -> +cudnn.benchmark -> +space-to-depth stem
           -> +torch.compile (encoder/generator forward only) -> +CUDA graphs (compile mode reduce-overhead)
-    CPU:  fp32 -> +channels_last_3d -> +bf16 autocast (if oneDNN has native bf16) -> +torch.compile
+    CPU:  fp32 -> +channels_last_3d -> +bf16 autocast (if oneDNN has native bf16) -> +space-to-depth stem
+          -> +torch.compile
 
 plus the `medgen train` defaults of this device (`medgen.runtime`). The critics are never compiled:
 the WGAN-GP gradient penalty needs their double backward. Every setting starts from the same
@@ -66,11 +67,12 @@ class Setting:
     cudnn_benchmark: bool = False
     compile_mode: str | None = None  # None: eager; "default"; "reduce-overhead" (CUDA graphs)
     threads: int | None = None  # CPU: torch threads for this setting (None: the process setting)
+    space_to_depth: bool = False  # 1-channel k4 s2 input convs as space-to-depth + k2 conv
 
 
 def ladder(device: torch.device, *, with_compile: bool) -> list[Setting]:
     """The settings to run, baseline first, each adding one optimisation to the previous one."""
-    from medgen.runtime import default_channels_last, default_precision
+    from medgen.runtime import default_channels_last, default_precision, default_space_to_depth
 
     out = [Setting("eager fp32")]
     if device.type == "cuda":
@@ -80,26 +82,30 @@ def ladder(device: torch.device, *, with_compile: bool) -> list[Setting]:
         if bf16:
             out += [Setting("+ bf16 autocast", "bf16")]
         out += [Setting("+ channels_last_3d", half, True),
-                Setting("+ cudnn.benchmark", half, True, True)]
+                Setting("+ cudnn.benchmark", half, True, True),
+                Setting("+ space-to-depth stem", half, True, True, space_to_depth=True)]
         if with_compile:
-            out += [Setting("+ torch.compile G/E", half, True, True, "default"),
-                    Setting("+ CUDA graphs (reduce-overhead)", half, True, True, "reduce-overhead")]
+            out += [Setting("+ torch.compile G/E", half, True, True, "default", space_to_depth=True),
+                    Setting("+ CUDA graphs (reduce-overhead)", half, True, True, "reduce-overhead",
+                            space_to_depth=True)]
     else:
         out += [Setting("+ channels_last_3d", "fp32", True)]
         if cpu_bf16_supported():
             out += [Setting("bf16 autocast (NCDHW)", "bf16", False),
                     Setting("+ bf16 autocast", "bf16", True)]
+        best = out[-1]
+        out += [Setting("+ space-to-depth stem", best.precision, best.channels_last, space_to_depth=True)]
         if with_compile:
-            best = out[-1]
-            out += [Setting("+ torch.compile G/E", best.precision, best.channels_last, False, "default")]
+            out += [Setting("+ torch.compile G/E", best.precision, best.channels_last, False, "default",
+                            space_to_depth=True)]
     default = Setting("medgen default", default_precision(device), default_channels_last(device),
-                      device.type == "cuda")
+                      device.type == "cuda", space_to_depth=default_space_to_depth(device))
     out.append(default)
     if device.type == "cpu" and (os.cpu_count() or 1) > 1:
         # The same default at another thread count, interleaved with the rest (same load conditions).
         n = 1 if torch.get_num_threads() > 1 else os.cpu_count()
         out.append(Setting(f"medgen default, {n} thread{'s' if n > 1 else ''}", default.precision,
-                           default.channels_last, False, None, n))
+                           default.channels_last, False, None, n, default.space_to_depth))
     return out
 
 
@@ -130,13 +136,15 @@ class Prepared:
 def prepare(model_name: str, setting: Setting, device: torch.device, *, base_width: int, size: int, batch: int,
             latent_dim: int | None, warmup: int, seed: int) -> Prepared:
     """Build the seeded model/Step/batch under `setting`, run the first step (losses) and the warm-up."""
-    from medgen.runtime import compile_model, resolve_precision, to_channels_last
+    from medgen.runtime import compile_model, resolve_precision, to_channels_last, use_space_to_depth_stems
     from medgen.training.steps import Batch, StepContext, create_step
 
     torch.manual_seed(seed)
     model = build_model(model_name, base_width=base_width, size=size, latent_dim=latent_dim).to(device)
     if setting.channels_last:
         to_channels_last(model)
+    if setting.space_to_depth:
+        use_space_to_depth_stems(model)
     compiled: list[str] = []
     if setting.compile_mode is not None:
         compiled = compile_model(model, mode=None if setting.compile_mode == "default" else setting.compile_mode)

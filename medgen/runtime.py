@@ -82,6 +82,51 @@ def configure_backends(device: torch.device, *, cudnn_benchmark: bool = True) ->
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+class SpaceToDepthConv3d(nn.Conv3d):
+    """A k4 s2 p1 Conv3d on few input channels, computed as space-to-depth + a k2 s1 conv.
+
+    Same weights, same result (up to rounding): each 2x2x2 block of the padded input becomes 8 channels
+    and the 4^3 kernel the matching 8-channel 2^3 kernel. oneDNN vectorises over channels, so a 1-channel
+    input layer (the first layer of every critic/encoder, also differentiated twice by the gradient
+    penalty) runs about 2-2.7x faster this way on CPU (benchmarks/README.md). The state dict is unchanged.
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if input.dim() != 5 or any(n % 2 for n in input.shape[2:]):
+            return super()._conv_forward(input, weight, bias)
+        b, c = input.shape[:2]
+        xp = nn.functional.pad(input, (1, 1, 1, 1, 1, 1))
+        d, h, w = (n // 2 for n in xp.shape[2:])
+        # [B, C, 2d, 2h, 2w] -> [B, C*8, d, h, w]: voxel (2i + a) goes to channel (c, a), position i
+        xs = xp.reshape(b, c, d, 2, h, 2, w, 2).permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * 8, d, h, w)
+        o = weight.shape[0]
+        # [O, C, 4, 4, 4] -> [O, C*8, 2, 2, 2]: tap (2i + a) goes to channel (c, a), tap i
+        ws = weight.reshape(o, c, 2, 2, 2, 2, 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(o, c * 8, 2, 2, 2)
+        cl = torch.channels_last_3d
+        return nn.functional.conv3d(xs.contiguous(memory_format=cl), ws.contiguous(memory_format=cl), bias)
+
+
+def use_space_to_depth_stems(model: nn.Module, max_in_channels: int = 2) -> int:
+    """Switch eligible Conv3d layers (k4 s2 p1, <= max_in_channels inputs) to SpaceToDepthConv3d in place.
+
+    Returns:
+        The number of layers switched (parameters and state-dict keys are untouched).
+    """
+    n = 0
+    for m in model.modules():
+        if (type(m) is nn.Conv3d and m.in_channels <= max_in_channels and m.kernel_size == (4, 4, 4)
+                and m.stride == (2, 2, 2) and m.padding == (1, 1, 1) and m.dilation == (1, 1, 1)
+                and m.groups == 1 and m.padding_mode == "zeros"):
+            m.__class__ = SpaceToDepthConv3d
+            n += 1
+    return n
+
+
+def default_space_to_depth(device: torch.device) -> bool:
+    """Space-to-depth stems by default on CPU (measured); on CUDA not measured here, so off."""
+    return device.type == "cpu"
+
+
 COMPILE_CHILDREN = ("encoder", "generator", "decoder", "decoders", "backbone", "net")
 
 

@@ -9,9 +9,11 @@ from medgen.runtime import (
     cpu_bf16_supported,
     default_channels_last,
     default_precision,
+    default_space_to_depth,
     memory_format,
     resolve_precision,
     to_channels_last,
+    use_space_to_depth_stems,
 )
 
 CPU = torch.device("cpu")
@@ -48,6 +50,32 @@ def test_memory_format_and_channels_last_give_same_outputs():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_space_to_depth_stem_gives_same_values_and_double_backward(channels_last):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv3d(8, 4, 4, 2, 1),
+                        nn.Conv3d(4, 4, 3, 1, 1))
+    x = torch.randn(2, 1, 16, 16, 16, requires_grad=True)
+
+    def grads():
+        out = net(x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x)
+        gx, = torch.autograd.grad(out.square().sum(), x, create_graph=True)  # as in the gradient penalty
+        gw, = torch.autograd.grad(gx.square().sum(), net[0].weight)
+        return out, gx, gw
+
+    ref = grads()
+    keys = list(net.state_dict())
+    if channels_last:
+        to_channels_last(net)
+    assert use_space_to_depth_stems(net) == 1  # only the 1-channel k4 s2 p1 layer
+    assert type(net[2]) is nn.Conv3d and type(net[3]) is nn.Conv3d
+    assert list(net.state_dict()) == keys
+    for a, b in zip(grads(), ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    odd = torch.randn(1, 1, 15, 15, 15)  # odd sizes fall back to the direct convolution
+    assert net[0](odd).shape == (1, 8, 7, 7, 7)
+
+
 def test_default_channels_last_is_a_bool():
     assert isinstance(default_channels_last(CPU), bool)
 
@@ -76,7 +104,8 @@ def test_compile_model_compiles_critic_free_models_whole():
     assert model._compiled_call_impl is not None
 
 
-def _first_step_losses(name: str, precision: str, channels_last: bool, device: torch.device) -> dict[str, float]:
+def _first_step_losses(name: str, precision: str, channels_last: bool, device: torch.device,
+                       space_to_depth: bool = False) -> dict[str, float]:
     from medgen.models.registry import create_model, get_model_class
     from medgen.training.steps import Batch, StepContext, create_step
 
@@ -85,6 +114,8 @@ def _first_step_losses(name: str, precision: str, channels_last: bool, device: t
     model = create_model(name, **kwargs).to(device)
     if channels_last:
         to_channels_last(model)
+    if space_to_depth:
+        use_space_to_depth_stems(model)
     step = create_step(name)
     opt = step.optimizers(model, 1e-4)
     prec = resolve_precision(precision, device)
@@ -108,7 +139,8 @@ def _assert_close_losses(fast: dict[str, float], ref: dict[str, float], rtol: fl
 @pytest.mark.parametrize("name", ["gan", "alpha-gan"])
 def test_default_cpu_fast_path_matches_fp32_losses(name):
     ref = _first_step_losses(name, "fp32", False, CPU)
-    fast = _first_step_losses(name, default_precision(CPU), default_channels_last(CPU), CPU)
+    fast = _first_step_losses(name, default_precision(CPU), default_channels_last(CPU), CPU,
+                              default_space_to_depth(CPU))
     _assert_close_losses(fast, ref, rtol=5e-2, atol=5e-2)
 
 

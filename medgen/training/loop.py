@@ -40,9 +40,11 @@ from medgen.runtime import (
     compile_model,
     configure_backends,
     default_channels_last,
+    default_space_to_depth,
     resolve_device,
     resolve_precision,
     to_channels_last,
+    use_space_to_depth_stems,
 )
 from medgen.training import distributed
 from medgen.training.checkpoint import (
@@ -154,7 +156,7 @@ def prepare_model(model: nn.Module, train: TrainConfig, device: torch.device) ->
     """Move to the device, set the memory format and compile submodules (in place; state-dict keys unchanged).
 
     Defaults per device come from medgen.runtime (channels_last_3d with bf16 on CPU and on CUDA,
-    cudnn.benchmark on CUDA). In a data-parallel run (torchrun) BatchNorm becomes SyncBatchNorm on CUDA
+    space-to-depth input convs on CPU, cudnn.benchmark on CUDA). In a data-parallel run (torchrun) BatchNorm becomes SyncBatchNorm on CUDA
     and rank 0's weights are copied to every rank; gradients are averaged in StepContext.backward_step.
     """
     model = distributed.sync_batchnorm(model, device)
@@ -163,6 +165,8 @@ def prepare_model(model: nn.Module, train: TrainConfig, device: torch.device) ->
     channels_last = train.channels_last if train.channels_last is not None else default_channels_last(device)
     if channels_last:
         to_channels_last(model)
+    if default_space_to_depth(device):
+        use_space_to_depth_stems(model)  # same weights and results, faster 1-channel input convs
     distributed.broadcast_model(model)
     if train.compile:
         # Compiles the encoder/generator/decoder forwards in place (state-dict keys unchanged); critics stay
