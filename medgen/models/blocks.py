@@ -12,7 +12,6 @@ Channel plan shared by every trunk: at resolution image_size / 2**k (k >= 1) a f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution
@@ -182,7 +181,3 @@ class ProjectionHead(nn.Module):
             out = out + (e * h).sum(dim=tuple(range(1, h.ndim)))
         return out
 
-
-def spatial_shape(spatial_dims: int, size: int) -> Sequence[int]:
-    """(size,) * spatial_dims."""
-    return (size,) * spatial_dims
