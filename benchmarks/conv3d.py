@@ -12,7 +12,8 @@ Each distinct layer runs forward, input-grad (dgrad) and weight-grad (wgrad) thr
 FLOPs are counted analytically (2 * MACs, identical for the three passes). Achieved TFLOP/s is
 compared with a large GEMM of the same precision measured in the same run, and the minimum bytes
 moved with a large device copy. A second table compares the generator's up-sampling stages built as
-transposed conv (k4 s2) versus nearest upsample + conv (k3), forward + backward.
+transposed conv (k4 s2) versus nearest upsample + conv (k3), forward + backward; a third the 1-channel
+input layers computed directly versus as space-to-depth + k2 conv (medgen.runtime.SpaceToDepthConv3d).
 
 Usage:
     python benchmarks/conv3d.py --device cuda --json conv3d_cuda.json
@@ -342,6 +343,41 @@ def bench_upsampling(stages, batch: int, setting: Setting, device: torch.device,
     return rows
 
 
+def bench_stems(specs: list[ConvSpec], batch: int, setting: Setting, device: torch.device, warmup: int,
+                iters: int) -> list[dict[str, Any]]:
+    """Input layers with 1-2 channels (k4 s2 p1): direct conv vs space-to-depth + k2 conv (same weights),
+    forward + input-grad + weight-grad through autograd (what the critics and encoder run)."""
+    from medgen.runtime import use_space_to_depth_stems
+
+    rows = []
+    dtype = torch.bfloat16 if setting.precision == "bf16" else None
+    stems = [s for s in specs if not s.transposed and s.cin <= 2 and s.kernel == (4, 4, 4)
+             and s.stride == (2, 2, 2) and s.padding == (1, 1, 1)]
+    for spec in stems:
+        x = torch.randn(batch, spec.cin, *spec.in_spatial, device=device)
+        if setting.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x.requires_grad_(True)
+        for variant in ("direct", "space-to-depth"):
+            m = nn.Conv3d(spec.cin, spec.cout, 4, 2, 1, bias=spec.bias).to(device)
+            if setting.channels_last:
+                m = m.to(memory_format=torch.channels_last_3d)
+            if variant == "space-to-depth":
+                use_space_to_depth_stems(m)
+
+            def run(m=m, x=x):
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    y = m(x)
+                y.float().square().mean().backward()
+
+            with backend_flags(device, tf32=setting.precision == "tf32", cudnn_benchmark=setting.cudnn_benchmark):
+                t = time_fn(run, device, warmup=warmup, iters=iters)
+            flops = 3 * spec.flops(batch)
+            rows.append(dict(layer=spec.label, variant=variant, batch=batch, setting=setting.label, ms=t.median_ms,
+                             tflops=flops / (t.median_ms * 1e-3) / 1e12))
+    return rows
+
+
 def summarise(rows: list[dict[str, Any]], settings: list[Setting], batches: list[int]) -> list[dict[str, Any]]:
     """Total time over all layers and passes per (batch, setting) and its ratio to fp32 NCDHW."""
     out = []
@@ -398,13 +434,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for setting in up_settings:
             up_rows += bench_upsampling(stages, batch, setting, device, warmup, iters)
 
+    stem_rows: list[dict[str, Any]] = []
+    for batch in batches:
+        for setting in up_settings:
+            stem_rows += bench_stems(specs, batch, setting, device, warmup, iters)
+
     summary = summarise(rows, settings, batches)
     _print(rows, up_rows, summary, settings, batches, device)
+    print_table("input layer: direct vs space-to-depth (fwd + bwd)",
+                ["layer", "variant", "batch", "setting", "ms", "TFLOP/s"],
+                [[r["layer"], r["variant"], str(r["batch"]), r["setting"], fmt(r["ms"], 3), fmt(r["tflops"], 3)]
+                 for r in stem_rows])
     payload = dict(benchmark="conv3d", machine=machine_info(device), layer_source=source, base_width=width,
                    size=args.size, batches=batches, peak=peak, settings=[s.label for s in settings],
                    layers=[dict(label=s.label, **{k: v for k, v in s.__dict__.items()}) for s in specs],
                    results=[{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows],
-                   upsampling=up_rows, summary=summary)
+                   upsampling=up_rows, stems=stem_rows, summary=summary)
     if args.json:
         write_json(args.json, payload)
     return payload
