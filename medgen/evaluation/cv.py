@@ -239,12 +239,14 @@ def predict(model: nn.Module, data: ImageSet, batch_size: int = 16) -> np.ndarra
     return torch.cat(probs).numpy()
 
 
-def safe_channels_last(setting: bool | None, device: torch.device) -> bool | None:
-    """channels_last_3d off on CPU unless asked for: with bf16 autocast, oneDNN's conv3d backward gave
-    intermittent NaN gradients here (9 of 30 tiny ResNet passes; none with fp32 or contiguous tensors)."""
-    if setting is None and device.type == "cpu":
-        return False
-    return setting
+def cpu_safe(train: TrainConfig, device: torch.device) -> TrainConfig:
+    """On CPU, "auto" precision/memory format become fp32 and contiguous tensors: with bf16 autocast,
+    oneDNN's conv3d backward gave intermittent NaN gradients here (9 of 30 tiny ResNet passes with
+    channels_last_3d; a NaN loss at iteration 2 of a 32^3 classifier without it; none in fp32)."""
+    if device.type != "cpu":
+        return train
+    return dataclasses.replace(train, precision="fp32" if train.precision == "auto" else train.precision,
+                               channels_last=False if train.channels_last is None else train.channels_last)
 
 
 def classifier_train_config(cfg: Config, n_train: int, device: torch.device | None = None) -> tuple[TrainConfig, int]:
@@ -255,9 +257,9 @@ def classifier_train_config(cfg: Config, n_train: int, device: torch.device | No
     iterations = max(1, c.epochs * per_epoch)
     train = TrainConfig(iterations=iterations, batch_size=c.batch_size, lr=c.lr, ema_decay=0.0,
                         precision=cfg.train.precision, compile=False,
-                        channels_last=safe_channels_last(cfg.train.channels_last, device or torch.device("cpu")),
+                        channels_last=cfg.train.channels_last,
                         log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None)
-    return train, per_epoch
+    return cpu_safe(train, device or torch.device("cpu")), per_epoch
 
 
 def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: ImageSet, test_set: ImageSet,
@@ -325,7 +327,7 @@ def train_generator(cfg: Config, name: str, fold: int, train_set: ImageSet, out:
     done = out / "done.json"
     if done.is_file():
         return out / json.loads(done.read_text(encoding="utf-8"))["checkpoint"]
-    train = dataclasses.replace(cfg.train, channels_last=safe_channels_last(cfg.train.channels_last, device))
+    train = cpu_safe(dataclasses.replace(cfg.train), device)
     if cfg.cv.generator_iterations is not None:
         train.iterations = cfg.cv.generator_iterations
     train.sample_every = min(train.sample_every, train.iterations) if train.sample_every else 0
