@@ -83,15 +83,15 @@ def _tiny_scenes(n=8, size=32):
 
 def test_short_training_run_loss_decreases():
     torch.manual_seed(0)
-    x = _tiny_scenes()
+    x = _tiny_scenes(n=6)
     model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=32, num_decoders=3,
-                         latent_dim=8, base_width=8)
+                         latent_dim=8, base_width=4)
     step = create_step("parallel-vae", kl_start=0.0, kl_end=0.01)
     opt = step.optimizers(model, 2e-3)
     ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
-                      generator=torch.Generator().manual_seed(0), total_iterations=40)
+                      generator=torch.Generator().manual_seed(0), total_iterations=30)
     losses = []
-    for it in range(40):
+    for it in range(30):
         ctx.iteration = it
         out = step(model, Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64)), opt, ctx)
         assert set(out) >= {"loss", "recon", "kl", "kl_term"}
