@@ -46,8 +46,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_clock_ok(device: torch.device) -> bool:
+    """Whether process CPU time can stand in for elapsed time: a CPU run with one torch thread, where it
+    is the time the work itself took, whatever the load from other processes."""
+    return device.type == "cpu" and torch.get_num_threads() == 1
+
+
 def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, iters: int = 5,
-            max_seconds: float | None = None) -> Timing:
+            max_seconds: float | None = None, cpu_clock: bool = False) -> Timing:
     """Median wall (CPU) or device-event (CUDA) time of `fn()` after `warmup` untimed calls.
 
     Args:
@@ -56,6 +62,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, ite
         warmup: untimed calls first (allocator, cudnn.benchmark autotuning, compilation).
         iters: timed calls (the median is reported).
         max_seconds: stop timing early once this much time was spent (at least one timed run).
+        cpu_clock: report process CPU time instead of elapsed time (CPU only; see cpu_clock_ok).
     """
     for _ in range(warmup):
         fn()
@@ -79,6 +86,8 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, ite
         if max_seconds is not None and time.perf_counter() - start_all > max_seconds:
             break
     cpu_ms = statistics.median(cpu_times) if cpu_times else float("nan")
+    if cpu_clock and cpu_times:
+        times = cpu_times
     return Timing(statistics.median(times), min(times), max(times), len(times), cpu_ms)
 
 
@@ -160,12 +169,13 @@ def measure_peak(device: torch.device, precisions: list[str], *, quick: bool = F
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         with backend_flags(device, tf32=name == "tf32"):
-            t = time_fn(lambda a=a, b=b: torch.mm(a, b), device, warmup=2, iters=5 if quick else 10)
+            t = time_fn(lambda a=a, b=b: torch.mm(a, b), device, warmup=2, iters=5 if quick else 10,
+                        cpu_clock=cpu_clock_ok(device))
         peak.gemm_tflops[name] = 2 * n**3 / (t.min_ms * 1e-3) / 1e12  # a ceiling: the best run
         del a, b
     numel = (256 if device.type == "cuda" else 32) * 2**20  # float32 elements: 1 GiB / 128 MiB
     buffers = [torch.empty(numel, device=device, dtype=torch.float32) for _ in range(2)]
-    t = time_fn(lambda: buffers[1].copy_(buffers[0]), device, warmup=2, iters=10)
+    t = time_fn(lambda: buffers[1].copy_(buffers[0]), device, warmup=2, iters=10, cpu_clock=cpu_clock_ok(device))
     peak.copy_gbps = 2 * numel * 4 / (t.min_ms * 1e-3) / 1e9
     buffers.clear()
     return peak

@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     Peak,
     backend_flags,
     cpu_bf16_supported,
+    cpu_clock_ok,
     fmt,
     machine_info,
     measure_peak,
@@ -273,7 +274,7 @@ def bench_layer(spec: ConvSpec, batch: int, setting: Setting, device: torch.devi
                                          cudnn_benchmark=setting.cudnn_benchmark):
         for name, fn in fns.items():
             reset_peak_memory(device)
-            t = time_fn(fn, device, warmup=warmup, iters=iters)
+            t = time_fn(fn, device, warmup=warmup, iters=iters, cpu_clock=cpu_clock_ok(device))
             tflops = flops / (t.median_ms * 1e-3) / 1e12
             gbps = spec.min_bytes(batch, x.element_size()) / (t.median_ms * 1e-3) / 1e9
             rows.append(dict(layer=spec.label, group=spec.group, module=spec.name, batch=batch,
@@ -332,7 +333,7 @@ def bench_upsampling(stages, batch: int, setting: Setting, device: torch.device,
 
             with backend_flags(device, tf32=setting.precision == "tf32", cudnn_benchmark=setting.cudnn_benchmark):
                 reset_peak_memory(device)
-                t = time_fn(run, device, warmup=warmup, iters=iters)
+                t = time_fn(run, device, warmup=warmup, iters=iters, cpu_clock=cpu_clock_ok(device))
             conv = m if isinstance(m, nn.ConvTranspose3d) else m[1]
             in_sp = sp if isinstance(m, nn.ConvTranspose3d) else tuple(2 * n for n in sp)
             spec = _spec_from_module("generator", name, conv, torch.Size((batch, cin, *in_sp)))
@@ -371,7 +372,7 @@ def bench_stems(specs: list[ConvSpec], batch: int, setting: Setting, device: tor
                 y.float().square().mean().backward()
 
             with backend_flags(device, tf32=setting.precision == "tf32", cudnn_benchmark=setting.cudnn_benchmark):
-                t = time_fn(run, device, warmup=warmup, iters=iters)
+                t = time_fn(run, device, warmup=warmup, iters=iters, cpu_clock=cpu_clock_ok(device))
             flops = 3 * spec.flops(batch)
             rows.append(dict(layer=spec.label, variant=variant, batch=batch, setting=setting.label, ms=t.median_ms,
                              tflops=flops / (t.median_ms * 1e-3) / 1e12))
@@ -445,7 +446,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ["layer", "variant", "batch", "setting", "ms", "TFLOP/s"],
                 [[r["layer"], r["variant"], str(r["batch"]), r["setting"], fmt(r["ms"], 3), fmt(r["tflops"], 3)]
                  for r in stem_rows])
-    payload = dict(benchmark="conv3d", machine=machine_info(device), layer_source=source, base_width=width,
+    clock = "process CPU time (1 thread)" if cpu_clock_ok(device) else ("CUDA events" if device.type == "cuda"
+                                                                     else "elapsed time")
+    print(f"clock: {clock}", file=sys.stderr)
+    payload = dict(benchmark="conv3d", machine=machine_info(device), clock=clock, layer_source=source, base_width=width,
                    size=args.size, batches=batches, peak=peak, settings=[s.label for s in settings],
                    layers=[dict(label=s.label, **{k: v for k, v in s.__dict__.items()}) for s in specs],
                    results=[{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows],
