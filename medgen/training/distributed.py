@@ -15,9 +15,9 @@ and differentiate the critic's gradient for the WGAN-GP penalty (double backward
 not support. Averaging at `StepContext.backward_step` gives DDP's semantics for every Step.
 
 Noise: `StepContext.randn` draws the global batch's noise on every rank and returns this rank's rows,
-so latent samples match the single-process run; other draws from the step generator (gradient-penalty
-interpolation weights) are made per rank. Batch norm uses per-rank statistics on CPU; on CUDA the
-model's BatchNorm layers become SyncBatchNorm.
+so Steps that draw all per-sample noise through it (the gan and alpha-gan Steps do, gradient-penalty
+weights included) see exactly the single-process noise. Batch norm uses per-rank statistics on CPU
+(use instance/layer norm for exact parity); on CUDA the model's BatchNorm layers become SyncBatchNorm.
 """
 
 from __future__ import annotations
