@@ -312,6 +312,10 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
         out_dict[role] = classification_metrics(y, prob, num_classes)
         out_dict[f"{role}_predictions"] = {"y": y.tolist(), "prob": np.round(prob, 6).tolist()}
     out_dict["seconds"] = round(time.perf_counter() - t0, 2)
+    # Keep only the chosen checkpoint (last/final/best are full copies with optimizer state).
+    for name in ("last.pt", "final.pt", "best.pt"):
+        if out / name != Path(chosen):
+            (out / name).unlink(missing_ok=True)
     return out_dict
 
 
@@ -339,6 +343,7 @@ def train_generator(cfg: Config, name: str, fold: int, train_set: ImageSet, out:
                  resume=partial, overwrite=not partial)
     atomic_write_json(done, {"checkpoint": str(result.checkpoint.relative_to(out)), "seconds": round(result.seconds, 2),
                              "iterations": result.iterations})
+    (run / "last.pt").unlink(missing_ok=True)  # final.pt is its copy
     return result.checkpoint
 
 

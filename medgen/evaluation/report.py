@@ -178,7 +178,7 @@ def plot_confusions(results: dict[str, Any]) -> bytes:
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                    color="white" if v > cm.max() / 2 else "black")
+                    color="white" if v > (cm.max() + cm.min()) / 2 else "black")
         ax.set_xticks(range(len(names)), names, fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_title(a["label"], fontsize=9)
