@@ -533,7 +533,8 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
     from medgen.models.registry import get_model_class
 
     for g in cfg.cv.models:
-        get_model_class(g)
+        if not hasattr(get_model_class(g), "sample"):
+            raise MedgenError(f"cv.models: {g!r} is not a generative model (it has no sample()); use e.g. vae, gan, alpha-gan")
     check_output_dir(out, overwrite=overwrite, resume=resume or fold is not None)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
