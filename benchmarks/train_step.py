@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Setting:
     compile_mode: str | None = None  # None: eager; "default"; "reduce-overhead" (CUDA graphs)
     threads: int | None = None  # CPU: torch threads for this setting (None: the process setting)
     space_to_depth: bool = False  # 1-channel k4 s2 input convs as space-to-depth + k2 conv
+    guarded: bool = False  # as medgen train: no channels_last where oneDNN's bf16 weight gradients are wrong
 
 
 def ladder(device: torch.device, *, with_compile: bool) -> list[Setting]:
@@ -99,13 +100,13 @@ def ladder(device: torch.device, *, with_compile: bool) -> list[Setting]:
             out += [Setting("+ torch.compile G/E", best.precision, best.channels_last, False, "default",
                             space_to_depth=True)]
     default = Setting("medgen default", default_precision(device), default_channels_last(device),
-                      device.type == "cuda", space_to_depth=default_space_to_depth(device))
+                      device.type == "cuda", space_to_depth=default_space_to_depth(device), guarded=True)
     out.append(default)
     if device.type == "cpu" and (os.cpu_count() or 1) > 1:
         # The same default at another thread count, interleaved with the rest (same load conditions).
         n = 1 if torch.get_num_threads() > 1 else os.cpu_count()
         out.append(Setting(f"medgen default, {n} thread{'s' if n > 1 else ''}", default.precision,
-                           default.channels_last, False, None, n, default.space_to_depth))
+                           default.channels_last, False, None, n, default.space_to_depth, True))
     return out
 
 
@@ -136,11 +137,20 @@ class Prepared:
 def prepare(model_name: str, setting: Setting, device: torch.device, *, base_width: int, size: int, batch: int,
             latent_dim: int | None, warmup: int, seed: int) -> Prepared:
     """Build the seeded model/Step/batch under `setting`, run the first step (losses) and the warm-up."""
-    from medgen.runtime import compile_model, resolve_precision, to_channels_last, use_space_to_depth_stems
+    from medgen.runtime import (
+        bf16_channels_last_hazards,
+        compile_model,
+        resolve_precision,
+        to_channels_last,
+        use_space_to_depth_stems,
+    )
     from medgen.training.steps import Batch, StepContext, create_step
 
     torch.manual_seed(seed)
     model = build_model(model_name, base_width=base_width, size=size, latent_dim=latent_dim).to(device)
+    if (setting.guarded and setting.channels_last and device.type == "cpu" and setting.precision == "bf16"
+            and bf16_channels_last_hazards(model)):
+        setting = replace(setting, channels_last=False)
     if setting.channels_last:
         to_channels_last(model)
     if setting.space_to_depth:

@@ -85,6 +85,46 @@ def configure_backends(device: torch.device, *, cudnn_benchmark: bool = True) ->
         torch.set_num_threads(threads)
 
 
+def bf16_channels_last_hazards(model: nn.Module) -> list[str]:
+    """Conv layers whose weight gradient oneDNN gets wrong on CPU under bf16 + channels_last.
+
+    Measured here (torch 2.13, oneDNN 3.12): for padded convolutions with a 1-2 voxel output (e.g. k3 p1 on
+    a 2^3 map, k7 s2 p3 on <= 4^3) the bf16 channels_last weight gradient is garbage or NaN in most calls,
+    while NCDHW bf16 and fp32 are right. The generative models at 16^3 and larger have no such layer;
+    a ResNet classifier's last stage does. One batch-1 forward (eval mode, no grad) finds each conv's
+    output size.
+
+    Returns:
+        Names of the hazardous layers; ["?"] when the model gives no way to build an input.
+    """
+    gen = torch.Generator().manual_seed(0)
+    if hasattr(model, "example_inputs"):
+        inputs = model.example_inputs(1, gen)
+    elif all(hasattr(model, a) for a in ("in_channels", "image_size", "spatial_dims")):
+        inputs = {"x": torch.zeros(1, model.in_channels, *[model.image_size] * model.spatial_dims)}
+    else:
+        return ["?"]
+    found: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Conv3d):
+            def hook(mod, _args, out, name=name):
+                if any(p > 0 for p in mod.padding) and min(out.shape[2:]) <= 2:
+                    found.append(name)
+
+            hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
+
+
 class SpaceToDepthConv3d(nn.Conv3d):
     """A k4 s2 p1 Conv3d on few input channels, computed as space-to-depth + a k2 s1 conv.
 

@@ -37,6 +37,7 @@ from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
 from medgen.outputs import atomic_write_text, check_output_dir
 from medgen.runtime import (
+    bf16_channels_last_hazards,
     compile_model,
     configure_backends,
     default_channels_last,
@@ -162,7 +163,15 @@ def prepare_model(model: nn.Module, train: TrainConfig, device: torch.device) ->
     model = distributed.sync_batchnorm(model, device)
     model.to(device)
     configure_backends(device)
-    channels_last = train.channels_last if train.channels_last is not None else default_channels_last(device)
+    channels_last = train.channels_last
+    if channels_last is None:
+        channels_last = default_channels_last(device)
+        if channels_last and device.type == "cpu" and resolve_precision(train.precision, device).name == "bf16":
+            # oneDNN's bf16 channels_last weight gradient is wrong for padded convs on 1-2 voxel maps
+            hazards = bf16_channels_last_hazards(model)
+            if hazards:
+                log(f"channels_last off: bf16 weight gradients of {', '.join(hazards[:3])} are unreliable in it")
+                channels_last = False
     if channels_last:
         to_channels_last(model)
     if default_space_to_depth(device):
