@@ -2,6 +2,8 @@
 
 import importlib
 
-NAMES = ["info", "data_check", "scenes", "segment", "phantom", "train", "synth", "evaluate_synth", "cv_evaluate"]
+NAMES = [
+    "phantom", "data_check", "train", "synth", "evaluate_synth", "cv_evaluate", "scenes", "segment", "info",
+]
 
 COMMANDS = [importlib.import_module(f"cli.commands.{name}") for name in NAMES]
