@@ -77,12 +77,11 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 
 def configure_backends(device: torch.device, *, cudnn_benchmark: bool = True) -> None:
     """Global backend switches for training: cudnn.benchmark picks the fastest conv algorithm per shape
-    (input shapes are fixed during training, so autotuning pays off after the first iteration); on a CPU
-    that other processes already oversubscribe, one torch thread (busy_cpu_threads)."""
+    (input shapes are fixed during training, so autotuning pays off after the first iteration). CPU thread
+    counts are left to PyTorch / OMP_NUM_THREADS (on a CPU shared with other jobs, OMP_NUM_THREADS=1 is
+    much faster: see benchmarks/README.md)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
-    elif (threads := busy_cpu_threads()) is not None:
-        torch.set_num_threads(threads)
 
 
 def bf16_channels_last_hazards(model: nn.Module) -> list[str]:
@@ -168,19 +167,6 @@ def use_space_to_depth_stems(model: nn.Module, max_in_channels: int = 2) -> int:
 def default_space_to_depth(device: torch.device) -> bool:
     """Space-to-depth stems by default on CPU (measured); on CUDA not measured here, so off."""
     return device.type == "cpu"
-
-
-def busy_cpu_threads() -> int | None:
-    """One torch thread when the CPU is already oversubscribed, else None (keep PyTorch's choice).
-
-    Measured here (benchmarks/README.md): with the 1-minute load average near 10 on 2 cores, a training
-    step ran 6-10x slower with 2 OpenMP threads than with 1, because each parallel region waits for the
-    thread that the OS has descheduled. Nothing changes on an idle machine or when OMP_NUM_THREADS is set.
-    """
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
-        return None
-    cores = os.cpu_count() or 1
-    return 1 if cores > 1 and os.getloadavg()[0] >= cores else None
 
 
 COMPILE_CHILDREN = ("encoder", "generator", "decoder", "decoders", "backbone", "net")

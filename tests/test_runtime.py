@@ -76,22 +76,6 @@ def test_space_to_depth_stem_gives_same_values_and_double_backward(channels_last
     assert net[0](odd).shape == (1, 8, 7, 7, 7)
 
 
-def test_busy_cpu_threads_only_when_oversubscribed(monkeypatch):
-    import os
-
-    from medgen.runtime import busy_cpu_threads
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.5, 9.0, 8.0))
-    assert busy_cpu_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
-    assert busy_cpu_threads() is None
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.5, 9.0, 8.0))
-    assert busy_cpu_threads() is None  # an explicit setting wins
-
-
 def test_bf16_channels_last_hazards_flags_padded_convs_on_tiny_maps():
     from medgen.runtime import bf16_channels_last_hazards
 
