@@ -89,6 +89,7 @@ def test_synth_and_evaluate(tiny, config, tmp_path):
     r = invoke("evaluate-synth", "--checkpoint", run, "--data", tiny, "--config", config, "--n", 2, "--pairs", 1,
                "--classifier-iterations", 1, "--device", "cpu", "--json", tmp_path / "m.json")
     assert r.exit_code == 0, r.output
+    assert r.stdout.strip().startswith("{"), r.output[-2000:]
     result = json.loads(r.stdout)
     assert set(result["classes"]) == {"CN", "MCI", "AD"}
     assert json.loads((tmp_path / "m.json").read_text())["classes"] == result["classes"]
