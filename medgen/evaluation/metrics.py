@@ -87,13 +87,17 @@ def mmd(real: torch.Tensor, synthetic: torch.Tensor, *, seed: int = 0) -> float:
 
 def frechet_distance(real_features: torch.Tensor, synthetic_features: torch.Tensor) -> float:
     """Frechet distance between two feature sets [N, F] (MONAI FIDMetric)."""
+    import contextlib
+    import sys
     import warnings
 
     from monai.metrics import FIDMetric
 
     if real_features.shape[0] < 2 or synthetic_features.shape[0] < 2:
         return float("nan")
-    with warnings.catch_warnings():  # fewer samples than features gives singular covariances: expected here
+    # Fewer samples than features gives singular covariances: expected here. MONAI reports that with a
+    # print(), which must not reach stdout (stdout carries the command's JSON result).
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         return float(FIDMetric()(synthetic_features.double(), real_features.double()))
 

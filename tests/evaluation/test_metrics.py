@@ -81,3 +81,14 @@ def test_evaluate_synthesis_per_class(tmp_path):
                 "nn_rmse_real_to_train", "nn_ratio"):
         assert np.isfinite(m[key]), key
     assert m["n_real"] == 4 and m["n_synthetic"] == 3
+
+
+def test_frechet_distance_keeps_stdout_clean(capsys):
+    import torch
+
+    from medgen.evaluation.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)  # fewer samples than features
+    assert frechet_distance(a, b) >= 0
+    assert capsys.readouterr().out == ""
