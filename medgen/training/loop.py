@@ -122,13 +122,6 @@ class BatchOrder:
         self.pos = int(state["pos"])
 
 
-def _rank() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed. Only rank 0 writes files."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def fill_model_kwargs(model_name: str, model_kwargs: dict[str, Any], data: ImageSet) -> dict[str, Any]:
     """Fill num_classes, spatial_dims, in_channels, image_size from the data where the model takes them.
 
