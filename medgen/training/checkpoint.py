@@ -16,12 +16,10 @@ A run folder holds `last.pt` (rewritten every `checkpoint_every` iterations; wha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from medgen.errors import MedgenError
+from medgen.outputs import atomic_write
 
 FORMAT = "medgen-checkpoint"
 VERSION = 1
@@ -126,20 +125,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any] | None =
     """
     if checkpoint is None:
         checkpoint = build_checkpoint(**fields)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def resolve_checkpoint_path(path_or_run: str | os.PathLike) -> Path:
