@@ -77,6 +77,9 @@ def test_corrupt_truncated_and_foreign_files(tmp_path, trained):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(MedgenError, match="corrupt"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "text.pt").write_bytes(b"junk\n")  # the legacy reader fails with a KeyError here
+    with pytest.raises(MedgenError, match="corrupt"):
+        load_checkpoint(tmp_path / "text.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(MedgenError, match="not a medgen checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
