@@ -68,7 +68,7 @@ class TrainConfig:
 class ClassifierConfig:
     """The 3D classifier trained by cv-evaluate (a MONAI network)."""
 
-    name: Literal["densenet121", "resnet18", "simple"] = "resnet18"
+    name: Literal["densenet121", "resnet18", "simple", "plain"] = "resnet18"
     base_width: int = 8
     epochs: int = 30
     batch_size: int = 8

@@ -1,8 +1,10 @@
 """The 3D (or 2D) image classifier trained by cv-evaluate: a small MONAI network plus a linear head.
 
 Backbones (all from monai.networks.nets): "resnet18" (ResNet, basic blocks [2, 2, 2, 2], widths
-base_width * [1, 2, 4, 8]), "densenet121" (DenseNet, growth rate base_width) and "simple" (MONAI's
-residual-unit Classifier trunk). The backbone returns pooled features; dropout and one linear layer
+base_width * [1, 2, 4, 8]), "densenet121" (DenseNet, growth rate base_width), "simple" (MONAI's
+residual-unit Classifier trunk) and "plain" (a VGG-style stack of MONAI conv-BatchNorm-ReLU blocks: four
+stride-2 stages, widths base_width * [1, 2, 4, 8], the last three each followed by a stride-1 block; no
+stem that throws away most of the grid, so small structures survive on coarse CPU grids). The backbone returns pooled features; dropout and one linear layer
 give the class logits, so `forward` can return both.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from monai.networks.blocks import Convolution
 from monai.networks.nets import Classifier as MonaiClassifier
 from monai.networks.nets import DenseNet, ResNet
 from torch import nn
@@ -19,7 +22,7 @@ from torch import nn
 from medgen.errors import MedgenError
 from medgen.models.registry import register_model
 
-BACKBONES = ("resnet18", "densenet121", "simple")
+BACKBONES = ("resnet18", "densenet121", "simple", "plain")
 
 
 @dataclass
@@ -62,6 +65,27 @@ class _SimpleTrunk(nn.Module):
         return self.pool(self.net(x)).flatten(1)  # [B, C, *s] -> [B, C]
 
 
+class _PlainTrunk(nn.Module):
+    """A stride-2 conv, then three stages of [conv3 stride 2, conv3 stride 1] (each conv -> BatchNorm -> ReLU), global average pooling."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, base_width: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, c in enumerate((base_width, 2 * base_width, 4 * base_width, 8 * base_width)):
+            # The first stage is one strided conv: a stride-1 conv on the largest grid would double the cost.
+            for stride in (2,) if i == 0 else (2, 1):
+                layers.append(Convolution(spatial_dims, c_in, c, strides=stride, kernel_size=3, act="relu",
+                                          norm="batch"))
+                c_in = c
+        self.net = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.n_features = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.net(x)).flatten(1)  # [B, C, *s] -> [B, C]
+
+
 @register_model("classifier")
 class Classifier(nn.Module):
     """Image classifier: MONAI backbone -> pooled features -> dropout -> linear logits.
@@ -72,7 +96,7 @@ class Classifier(nn.Module):
         num_classes: number of classes (2 or more).
         image_size: edge length of the (square/cubic) input; used by the "simple" backbone.
         base_width: width of the first stage (ResNet widths base_width * [1, 2, 4, 8]).
-        backbone: one of resnet18, densenet121, simple (not `name`: create_model takes that positionally).
+        backbone: one of resnet18, densenet121, simple, plain (not `name`: create_model takes that positionally).
         dropout: dropout probability before the linear head.
     """
 
@@ -91,9 +115,12 @@ class Classifier(nn.Module):
             self.backbone, n_features = _resnet18(spatial_dims, in_channels, base_width)
         elif backbone == "densenet121":
             self.backbone, n_features = _densenet121(spatial_dims, in_channels, base_width)
-        else:
+        elif backbone == "simple":
             trunk = _SimpleTrunk(spatial_dims, in_channels, image_size, base_width)
             self.backbone, n_features = trunk, trunk.n_features
+        else:
+            plain = _PlainTrunk(spatial_dims, in_channels, base_width)
+            self.backbone, n_features = plain, plain.n_features
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(n_features, num_classes)
 

@@ -18,7 +18,8 @@ def one_thread():
 
 
 @pytest.mark.parametrize(("spatial_dims", "name"),
-                         [(3, "resnet18"), (3, "densenet121"), (3, "simple"), (2, "resnet18"), (2, "simple")])
+                         [(3, "resnet18"), (3, "densenet121"), (3, "simple"), (3, "plain"), (2, "resnet18"), (2, "simple"),
+                          (2, "plain")])
 def test_backbones_shapes_and_backward(name, spatial_dims):
     kw = Classifier.tiny_kwargs(spatial_dims) | {"backbone": name, "num_classes": 4}
     if name == "densenet121":
