@@ -1,11 +1,11 @@
 """The 3D (or 2D) image classifier trained by cv-evaluate: a small MONAI network plus a linear head.
 
-Backbones (all from monai.networks.nets): "resnet18" (ResNet, basic blocks [2, 2, 2, 2], widths
+Backbones (MONAI networks and blocks): "resnet18" (ResNet, basic blocks [2, 2, 2, 2], widths
 base_width * [1, 2, 4, 8]), "densenet121" (DenseNet, growth rate base_width), "simple" (MONAI's
 residual-unit Classifier trunk) and "plain" (a VGG-style stack of MONAI conv-BatchNorm-ReLU blocks: four
 stride-2 stages, widths base_width * [1, 2, 4, 8], the last three each followed by a stride-1 block; no
-stem that throws away most of the grid, so small structures survive on coarse CPU grids). The backbone returns pooled features; dropout and one linear layer
-give the class logits, so `forward` can return both.
+max-pool stem, so small structures survive on coarse CPU grids). The backbone returns pooled features;
+dropout and one linear layer give the class logits, so `forward` can return both.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class _SimpleTrunk(nn.Module):
 
 
 class _PlainTrunk(nn.Module):
-    """A stride-2 conv, then three stages of [conv3 stride 2, conv3 stride 1] (each conv -> BatchNorm -> ReLU), global average pooling."""
+    """A stride-2 conv, then three stages of [conv3 stride 2, conv3 stride 1], each conv -> BatchNorm -> ReLU;
+    global average pooling."""
 
     def __init__(self, spatial_dims: int, in_channels: int, base_width: int) -> None:
         super().__init__()
