@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,9 +442,6 @@ def generate_cohort(
     rows, training = [], []
     out = Path(out)
     with staged_dir(out, overwrite=overwrite) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # a temporary folder is private; the cohort gets the usual mode
         for i in track(range(n), "phantom"):
             sid = f"sub-{i + 1:0{width}d}"
             rng = np.random.default_rng([seed, i + 1])
