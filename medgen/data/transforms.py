@@ -350,8 +350,10 @@ class AugmentDraw:
 class ClassicalAugmentation:
     """The reference study's augmentation: random translation and axial-plane rotation.
 
-    With probability p_translate the image is shifted; then each axis independently (probability p_axis) by
-    min_shift..max_shift voxels in a random direction. With probability p_rotate it is rotated by an angle
+    With probability p_translate the image is shifted; then each axis independently (probability p_axis) by a
+    whole number of voxels in a random direction, the number drawn uniformly from those that span
+    min_shift_mm..max_shift_mm on a grid of spacing_mm voxels (the study's 1-4 voxels at 3 mm: 3-12 mm; the same
+    millimetres are 1-2 voxels at 6 mm and 3-12 voxels at 1 mm), so the augmentation means the same on every grid. With probability p_rotate it is rotated by an angle
     uniform in +-max_degrees in the axial plane (axes 0-1, R-A, of a RAS volume; the image plane in 2D).
     Parameters are drawn from a torch.Generator, then applied by a deterministic MONAI Affine (one resampling,
     border padding so the background stays background; an integer shift alone is exact).
@@ -360,7 +362,8 @@ class ClassicalAugmentation:
         spatial_dims: 2 or 3.
         p_translate: probability of translating an image.
         p_axis: probability of shifting along each axis, given a translation.
-        min_shift, max_shift: shift size range in voxels.
+        min_shift_mm, max_shift_mm: shift size range in millimetres.
+        spacing_mm: voxel size of the images (the training grid's).
         p_rotate: probability of rotating an image.
         max_degrees: largest rotation angle.
     """
@@ -368,10 +371,26 @@ class ClassicalAugmentation:
     spatial_dims: int = 3
     p_translate: float = 0.95
     p_axis: float = 0.66
-    min_shift: int = 1
-    max_shift: int = 4
+    min_shift_mm: float = 3.0
+    max_shift_mm: float = 12.0
+    spacing_mm: float = 3.0
     p_rotate: float = 0.90
     max_degrees: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.min_shift_mm <= self.max_shift_mm and self.spacing_mm > 0):
+            raise ValueError(f"augmentation needs 0 < min_shift_mm <= max_shift_mm and spacing_mm > 0, got "
+                             f"{self.min_shift_mm}, {self.max_shift_mm}, {self.spacing_mm}")
+
+    @property
+    def min_shift(self) -> int:
+        """Smallest shift in voxels (at least 1)."""
+        return max(1, round(self.min_shift_mm / self.spacing_mm))
+
+    @property
+    def max_shift(self) -> int:
+        """Largest shift in voxels (at least min_shift)."""
+        return max(self.min_shift, round(self.max_shift_mm / self.spacing_mm))
 
     def draw(self, generator: torch.Generator) -> AugmentDraw:
         """Draw one image's parameters (always the same number of random numbers, so streams stay aligned)."""
@@ -436,5 +455,24 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def augment_training_batch(batch: Any, generator: torch.Generator) -> Any:
-    """fit()'s `transform` hook: a copy of a training Batch with augmented images, same labels."""
+    """fit()'s `transform` hook: a copy of a training Batch with augmented images, same labels (3 mm grid)."""
     return dataclasses.replace(batch, images=augment_batch(batch.images, generator))
+
+
+@dataclass
+class TrainingAugmentation:
+    """fit()'s `transform` hook for images on a grid of `spacing_mm` voxels (shifts defined in millimetres).
+
+    Args:
+        spacing_mm: voxel size of the training grid.
+        spatial_dims: 2 or 3.
+    """
+
+    spacing_mm: float = 3.0
+    spatial_dims: int = 3
+
+    def __post_init__(self) -> None:
+        self.augmentation = ClassicalAugmentation(spatial_dims=self.spatial_dims, spacing_mm=self.spacing_mm)
+
+    def __call__(self, batch: Any, generator: torch.Generator) -> Any:
+        return dataclasses.replace(batch, images=self.augmentation(batch.images, generator))

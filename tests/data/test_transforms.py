@@ -252,3 +252,21 @@ def test_augment_batch_on_cuda_matches_cpu():
     gpu = augment_batch(x.cuda(), torch.Generator().manual_seed(1))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def test_augmentation_shifts_are_millimetres_on_every_grid():
+    from medgen.data.transforms import ClassicalAugmentation, TrainingAugmentation
+
+    assert (ClassicalAugmentation(spacing_mm=3.0).min_shift, ClassicalAugmentation(spacing_mm=3.0).max_shift) == (1, 4)
+    assert (ClassicalAugmentation(spacing_mm=6.0).min_shift, ClassicalAugmentation(spacing_mm=6.0).max_shift) == (1, 2)
+    assert (ClassicalAugmentation(spacing_mm=1.0).min_shift, ClassicalAugmentation(spacing_mm=1.0).max_shift) == (3, 12)
+    aug = ClassicalAugmentation(spacing_mm=6.0)
+    g = torch.Generator().manual_seed(0)
+    mm = {6.0 * abs(s) for _ in range(300) for s in aug.draw(g).shift if s}
+    assert mm == {6.0, 12.0}  # never beyond the study's 12 mm
+    from medgen.training.steps import Batch
+
+    hook = TrainingAugmentation(spacing_mm=6.0)
+    batch = Batch(images=torch.rand(2, 1, 16, 16, 16), labels=torch.tensor([0, 1]))
+    out = hook(batch, torch.Generator().manual_seed(1))
+    assert out.images.shape == batch.images.shape and torch.equal(out.labels, batch.labels)
