@@ -76,6 +76,10 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     dropout: float = 0.0
     label_smoothing: float = 0.0
+    norm: Literal["batch", "instance"] = "batch"  # plain backbone only
+    standardize: bool = False  # add a voxelwise-standardised input channel (training-set statistics)
+    schedule: Literal["constant", "cosine"] = "constant"
+    select: Literal["accuracy", "balanced_accuracy", "loss"] = "accuracy"  # validation metric that picks the epoch
 
 
 @dataclass
@@ -88,9 +92,17 @@ class CVConfig:
     fractions: list[float] = field(default_factory=lambda: [0.33, 0.5])
     augmentation: list[bool] = field(default_factory=lambda: [False, True])
     tstr: bool = True
-    generator_iterations: int | None = None
+    generator_iterations: int | dict[str, int] | None = None  # one budget, or one per model name
     synthetic_classes: Literal["match", "balanced"] = "match"
     size: int | None = None  # grid the experiment resamples to (None: data.size), e.g. 32 for CPU runs
+    # Controls (DESIGN.md section 5): real-data learning curve (shares of each fold's training subjects),
+    # the oracle arm (fresh phantom subjects; None = on for phantom data), permuted-label synthetic arm,
+    # a voxel-PCA + logistic baseline, and fresh phantom subjects added to the held-out test set.
+    learning_curve: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    oracle: bool | None = None
+    permuted: bool = True
+    linear_baseline: bool = True
+    extra_test: int = 0
 
 
 @dataclass

@@ -54,7 +54,8 @@ def test_cv_evaluate_smoke_every_arm(tmp_path):
     keys = [a["arm"] for a in results["arms"]]
     for g in ("vae", "gan", "alpha-gan"):
         assert {f"{g}_f50", f"{g}_f50_aug", f"tstr_{g}"} <= set(keys)
-    assert keys[:2] == ["real", "real_aug"] and results["class_names"] == ["healthy", "tumour"]
+    assert keys[:3] == ["real", "linear", "real_aug"] and results["class_names"] == ["healthy", "tumour"]
+    assert "oracle_f50" not in keys and "permuted_f50" in keys  # a table of NIfTI files is not a phantom
     assert "tstr_gan" in keys and "test_vs_real" in results["arms"][1]
     for name in ("results.csv", "results.md", "accuracy.png", "confusion.png", "splits.json"):
         assert (out / name).is_file()
