@@ -70,8 +70,8 @@ def cv_evaluate(
     augmentation, real + synthetic at each fraction (with and without augmentation) and synthetic
     only (TSTR). Writes results.json/.csv/.md and plots to OUT and prints the table."""
     from medgen.config import load_config, override
-    from medgen.evaluation.cv import merge as merge_folds
-    from medgen.evaluation.cv import run_cv
+    from medgen.pipelines.cv import merge as merge_folds
+    from medgen.pipelines.cv import run_cv
 
     if merge:
         merge_folds(Path(out), echo=True)

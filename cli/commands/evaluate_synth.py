@@ -42,11 +42,11 @@ def evaluate_synth(
     group_column: GroupColumnOpt = None,
 ) -> None:
     """MS-SSIM (synthetic vs real pairs), MMD, Frechet distance on classifier features, nearest-neighbour check."""
+    from medgen.checkpoint import load_checkpoint
     from medgen.config import load_config, override
-    from medgen.evaluation.metrics import evaluate_synthesis
+    from medgen.data import load_config_data
     from medgen.outputs import atomic_write_json
-    from medgen.training.checkpoint import load_checkpoint
-    from medgen.training.loop import load_config_data
+    from medgen.pipelines.evaluate_synth import evaluate_synthesis
 
     cfg = load_config(config)
     override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,

@@ -28,7 +28,7 @@ def synth(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write N synthetic volumes (NIfTI with the training affine, datalist.json, participants.tsv) to OUT."""
-    from medgen.synthesis import write_synthetic
+    from medgen.pipelines.synthesize import write_synthetic
 
     folder = write_synthetic(checkpoint, out, n=n, classes=classes or None, seed=0 if seed is None else seed,
                              overwrite=overwrite, batch_size=batch_size, device=device or "auto")

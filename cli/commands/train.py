@@ -49,9 +49,10 @@ def train(
 ) -> None:
     """Train MODEL on DATA (default: the built-in phantom cohort); RUN gets checkpoints, log, montages, config."""
     from medgen.config import load_config, override
+    from medgen.data import load_config_data
     from medgen.errors import MedgenError
     from medgen.models.registry import get_model_class
-    from medgen.training.loop import fit, load_config_data
+    from medgen.training.loop import fit
 
     if model == "classifier":
         raise MedgenError("the classifier is trained by `medgen cv-evaluate`; train takes a generative model")

@@ -31,11 +31,23 @@ import torch
 import yaml
 from torch import nn
 
+from medgen.checkpoint import (
+    BEST_NAME,
+    FINAL_NAME,
+    LAST_NAME,
+    build_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    to_plain,
+)
 from medgen.config import TrainConfig
 from medgen.console import log, make_progress
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
-from medgen.outputs import atomic_write_text, check_output_dir
+from medgen.models.registry import create_model, model_defaults
+from medgen.models.sampling import can_sample, sample_images
+from medgen.outputs import atomic_write_bytes, atomic_write_text, check_output_dir
 from medgen.runtime import (
     bf16_channels_last_hazards,
     compile_model,
@@ -48,18 +60,9 @@ from medgen.runtime import (
     use_space_to_depth_stems,
 )
 from medgen.training import distributed
-from medgen.training.checkpoint import (
-    BEST_NAME,
-    FINAL_NAME,
-    LAST_NAME,
-    build_checkpoint,
-    load_checkpoint,
-    load_model_state,
-    save_checkpoint,
-    to_plain,
-)
 from medgen.training.ema import EMA
 from medgen.training.steps import Batch, StepContext, create_step
+from medgen.viz import save_montage
 
 MONTAGE_SEED = 1234
 MONTAGE_PER_CLASS = 2
@@ -127,8 +130,6 @@ def fill_model_kwargs(model_name: str, model_kwargs: dict[str, Any], data: Image
 
     A given value that contradicts the data is an error (a wrong size would fail later, less clearly).
     """
-    from medgen.models.registry import model_defaults
-
     takes = model_defaults(model_name)
     from_data = {
         "num_classes": len(data.class_names),
@@ -179,10 +180,6 @@ def prepare_model(model: nn.Module, train: TrainConfig, device: torch.device) ->
 
 def _sampling_labels(num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(MONTAGE_PER_CLASS)
-
-
-def can_sample(model: nn.Module) -> bool:
-    return hasattr(model, "sample") and hasattr(model, "latent_dim")
 
 
 def fit(
@@ -253,8 +250,6 @@ def fit(
     torch.manual_seed(seed)
     if model is None:
         kwargs = fill_model_kwargs(model_name, model_kwargs or {}, data)
-        from medgen.models.registry import create_model
-
         model = create_model(model_name, **kwargs)
     else:
         kwargs = dict(getattr(model, "init_kwargs", model_kwargs or {}))
@@ -350,9 +345,6 @@ def fit(
     def write_montage(iteration: int) -> None:
         if not (main and can_sample(infer_model)):
             return
-        from medgen.plots import save_montage
-        from medgen.synthesis import sample_images
-
         images = sample_images(infer_model, montage_labels, seed=MONTAGE_SEED, batch_size=len(montage_labels),
                                device=dev, precision=precision)
         save_montage(images, montage_labels.tolist(), data.class_names,
@@ -421,8 +413,6 @@ def fit(
 
 def _finalise(last_path: Path, final_path: Path) -> None:
     """final.pt is a copy of the last checkpoint written at the end of the run (atomic)."""
-    from medgen.outputs import atomic_write_bytes
-
     atomic_write_bytes(final_path, last_path.read_bytes())
 
 
@@ -485,30 +475,3 @@ def _read_log(path: Path, upto: int | None) -> list[dict[str, Any]]:
     return rows
 
 
-def default_cache_dir() -> Path:
-    """Where the built-in phantom cohort is cached: $MEDGEN_CACHE_DIR or ~/.cache/medgen."""
-    import os
-
-    return Path(os.environ.get("MEDGEN_CACHE_DIR") or Path.home() / ".cache" / "medgen")
-
-
-def load_config_data(cfg: Any, class_names: list[str] | None = None, size: int | None = None) -> ImageSet:
-    """The training data a config names: cfg.data.path, or the cached built-in phantom cohort.
-
-    Args:
-        cfg: a medgen.config.Config.
-        class_names: class order to enforce (e.g. a checkpoint's).
-        size: grid size to use instead of cfg.data.size.
-    """
-    from medgen.data import load_dataset
-
-    spec = cfg.data.path
-    if spec is None:
-        from medgen.data.phantom import ensure_cohort
-
-        ph = cfg.phantom
-        cache = Path(ph.cache_dir).expanduser() if ph.cache_dir else default_cache_dir()
-        log(f"using the built-in phantom cohort (n={ph.n}, seed={ph.seed}, size={ph.size}) cached in {cache}")
-        spec = ensure_cohort(cache, n=ph.n, seed=ph.seed, effect_scale=ph.effect_scale, size=ph.size)
-    return load_dataset(spec, image_column=cfg.data.image_column, label_column=cfg.data.label_column,
-                        group_column=cfg.data.group_column, size=size or cfg.data.size, class_names=class_names)

@@ -9,7 +9,7 @@ from cli.main import app
 from medgen.config import TrainConfig
 from medgen.data.dataset import ImageSet
 from medgen.data.scenes import load_scene_dataset
-from medgen.segment import segment
+from medgen.pipelines.segment import segment
 from medgen.training.loop import fit
 
 TINY = dict(num_decoders=3, latent_dim=4, base_width=4)

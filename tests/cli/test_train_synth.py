@@ -123,6 +123,6 @@ def test_train_without_data_uses_cached_phantom(tmp_path, monkeypatch):
     r = invoke("train", "vae", "--out", tmp_path / "run", "--config", cfg, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1  # one cohort (plus its lock file)
-    from medgen.training.checkpoint import load_checkpoint
+    from medgen.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "run")["class_names"] == ["CN", "MCI", "AD"]

@@ -9,13 +9,13 @@ import pytest
 import torch
 from test_loop import NAME, cfg, run, tiny_data  # the dummy model registered by the loop tests
 
-from medgen.errors import MedgenError
-from medgen.training.checkpoint import (
+from medgen.checkpoint import (
     checkpoint_sha256,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from medgen.errors import MedgenError
 
 MARKER_ENV = "MEDGEN_TEST_MARKER"
 

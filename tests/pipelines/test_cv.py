@@ -7,8 +7,9 @@ import torch
 from medgen.config import Config
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
-from medgen.evaluation import cv as cvmod
-from medgen.evaluation.cv import (
+from medgen.evaluation.splits import Fold, Splits
+from medgen.pipelines import cv as cvmod
+from medgen.pipelines.cv import (
     LeakageError,
     allocate,
     assert_no_leakage,
@@ -17,7 +18,6 @@ from medgen.evaluation.cv import (
     plan_arms,
     run_cv,
 )
-from medgen.evaluation.splits import Fold, Splits
 
 
 @pytest.fixture(autouse=True)

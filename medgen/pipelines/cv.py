@@ -42,13 +42,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from medgen.checkpoint import model_from_checkpoint
 from medgen.config import Config, TrainConfig
 from medgen.console import log
+from medgen.data import load_config_data
 from medgen.data.dataset import ImageSet
+from medgen.data.transforms import augment_training_batch
 from medgen.errors import MedgenError
+from medgen.evaluation.report import build_results
 from medgen.evaluation.splits import Splits, make_splits
 from medgen.evaluation.stats import classification_metrics
+from medgen.models.classifier import Classifier
+from medgen.models.registry import get_model_class
+from medgen.models.sampling import sample_images
 from medgen.outputs import atomic_write_json, atomic_write_text, check_output_dir
+from medgen.pipelines.report import write_report
+from medgen.runtime import resolve_device, seed_everything
+from medgen.training.loop import fit
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -191,8 +201,6 @@ def load_cv_data(cfg: Config, data: ImageSet | str | Path | None = None) -> tupl
     """
     if isinstance(data, ImageSet):
         return data, "in-memory data"
-    from medgen.training.loop import load_config_data
-
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
     source = cfg.data.path or (f"built-in phantom (n={cfg.phantom.n}, seed={cfg.phantom.seed}, "
@@ -269,9 +277,6 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
     Returns:
         the arm's result (metrics and predictions on validation and test).
     """
-    from medgen.models.classifier import Classifier
-    from medgen.training.loop import fit
-
     seed = derive_seed(cfg.seed, fold, arm.key)
     train, per_epoch = classifier_train_config(cfg, len(train_set), device)
     c = cfg.classifier
@@ -279,8 +284,6 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
     model_kwargs = {"backbone": c.name, "base_width": c.base_width, "dropout": c.dropout}
     transform = None
     if arm.augment:
-        from medgen.data.transforms import augment_training_batch
-
         transform = augment_training_batch
 
     def validate(model: nn.Module) -> dict[str, float]:
@@ -292,8 +295,6 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
                  step_kwargs={"label_smoothing": c.label_smoothing, "weight_decay": c.weight_decay},
                  train=train, device=device, seed=seed, validate=validate, validate_every=per_epoch,
                  select_metric="accuracy", transform=transform, overwrite=True)
-    from medgen.training.checkpoint import model_from_checkpoint
-
     chosen = result.best or result.checkpoint
     model, meta = model_from_checkpoint(chosen, ema=False, expected_model="classifier")
     assert isinstance(model, Classifier)
@@ -326,8 +327,6 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
 def train_generator(cfg: Config, name: str, fold: int, train_set: ImageSet, out: Path, device: torch.device,
                     resume: bool) -> Path:
     """Train generator `name` on the fold's training subjects; return its final checkpoint."""
-    from medgen.training.loop import fit
-
     done = out / "done.json"
     if done.is_file():
         return out / json.loads(done.read_text(encoding="utf-8"))["checkpoint"]
@@ -353,9 +352,6 @@ def synthesize_pool(cfg: Config, name: str, checkpoint: Path, fold: int, class_c
 
     Each class is drawn with its own seed, so a smaller fraction uses a prefix of the same volumes.
     """
-    from medgen.synthesis import sample_images
-    from medgen.training.checkpoint import model_from_checkpoint
-
     model, _ = model_from_checkpoint(checkpoint, ema=True, expected_model=name)
     pool = {}
     for c, n in enumerate(class_counts):
@@ -490,8 +486,6 @@ def finished_folds(out: Path, folds: int) -> list[int]:
 
 def merge(out: str | Path, *, echo: bool = False) -> dict[str, Any]:
     """Aggregate finished folds into results.json/.csv/.md and plots (every fold must be finished)."""
-    from medgen.evaluation.report import build_results, write_report
-
     out = Path(out)
     if not (out / "run.json").is_file():
         raise MedgenError(f"{out} is not a cv-evaluate output folder (no run.json)")
@@ -522,16 +516,12 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
     Returns:
         the merged results, or None when folds are still missing (a --fold job).
     """
-    from medgen.runtime import resolve_device, seed_everything
-
     out = Path(out)
     if fold is not None and not 0 <= fold < cfg.cv.folds:
         raise MedgenError(f"--fold {fold} is out of range: the run has {cfg.cv.folds} folds (0..{cfg.cv.folds - 1})")
     if cfg.cv.synthetic_classes not in ("match", "balanced"):
         raise MedgenError(f"cv.synthetic_classes must be match or balanced, got {cfg.cv.synthetic_classes!r}")
     plan_arms(cfg.cv.models, cfg.cv.fractions, cfg.cv.augmentation, cfg.cv.tstr)  # validates fractions
-    from medgen.models.registry import get_model_class
-
     for g in cfg.cv.models:
         if not hasattr(get_model_class(g), "sample"):
             raise MedgenError(f"cv.models: {g!r} is not a generative model (it has no sample()); use e.g. vae, gan, alpha-gan")
