@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import (
+from medgen.cli.common import (
     ConfigOpt,
     DataOpt,
     DeviceOpt,
@@ -18,6 +17,7 @@ from cli.common import (
     OverwriteOpt,
     SeedOpt,
     handle_errors,
+    override_data,
 )
 
 
@@ -69,7 +69,7 @@ def cv_evaluate(
     train each generator on the training subjects, then classifiers on real only, real + classical
     augmentation, real + synthetic at each fraction (with and without augmentation) and synthetic
     only (TSTR). Writes results.json/.csv/.md and plots to OUT and prints the table."""
-    from medgen.config import load_config, override
+    from medgen.config import load_config
     from medgen.pipelines.cv import merge as merge_folds
     from medgen.pipelines.cv import run_cv
 
@@ -77,8 +77,8 @@ def cv_evaluate(
         merge_folds(Path(out), echo=True)
         return
     cfg = load_config(config)
-    override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,
-             data__label_column=label_column, data__group_column=group_column, cv__folds=folds)
+    override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
+                  seed=seed, device=device, cv__folds=folds)
     if models is not None:
         cfg.cv.models = _split_list(models, "--models", str)
     if fractions is not None:

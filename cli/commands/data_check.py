@@ -6,8 +6,15 @@ import sys
 from typing import Annotated
 
 import typer
-
-from cli.common import DataOpt, GroupColumnOpt, ImageColumnOpt, LabelColumnOpt, echo_json, fail, handle_errors
+from medgen.cli.common import (
+    DataOpt,
+    GroupColumnOpt,
+    ImageColumnOpt,
+    LabelColumnOpt,
+    echo_json,
+    fail,
+    handle_errors,
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import (
+from medgen.cli.common import (
     ConfigOpt,
     DataOpt,
     DeviceOpt,
@@ -17,6 +16,7 @@ from cli.common import (
     SeedOpt,
     echo_json,
     handle_errors,
+    override_data,
 )
 
 
@@ -43,14 +43,14 @@ def evaluate_synth(
 ) -> None:
     """MS-SSIM (synthetic vs real pairs), MMD, Frechet distance on classifier features, nearest-neighbour check."""
     from medgen.checkpoint import load_checkpoint
-    from medgen.config import load_config, override
+    from medgen.config import load_config
     from medgen.data import load_config_data
     from medgen.outputs import atomic_write_json
     from medgen.pipelines.evaluate_synth import evaluate_synthesis
 
     cfg = load_config(config)
-    override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,
-             data__label_column=label_column, data__group_column=group_column)
+    override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
+                  seed=seed, device=device)
     ckpt = load_checkpoint(checkpoint)
     real = load_config_data(cfg, class_names=ckpt["class_names"], size=ckpt["kwargs"].get("image_size"))
     del ckpt

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-
-from cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+from medgen.cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from cli.common import DeviceOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+from medgen.cli.common import DeviceOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:

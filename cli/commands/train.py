@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-
-from cli.common import (
+from medgen.cli.common import (
     ConfigOpt,
     DataOpt,
     DeviceOpt,
@@ -18,6 +17,7 @@ from cli.common import (
     SeedOpt,
     echo_json,
     handle_errors,
+    override_data,
 )
 
 
@@ -48,7 +48,7 @@ def train(
     group_column: GroupColumnOpt = None,
 ) -> None:
     """Train MODEL on DATA (default: the built-in phantom cohort); RUN gets checkpoints, log, montages, config."""
-    from medgen.config import load_config, override
+    from medgen.config import load_config
     from medgen.data import load_config_data
     from medgen.errors import MedgenError
     from medgen.models.registry import get_model_class
@@ -58,10 +58,9 @@ def train(
         raise MedgenError("the classifier is trained by `medgen cv-evaluate`; train takes a generative model")
     get_model_class(model)  # unknown name -> clear error before any data is read
     cfg = load_config(config)
-    override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,
-             data__label_column=label_column, data__group_column=group_column,
-             train__iterations=iterations, train__batch_size=batch_size, train__precision=precision,
-             train__compile=compile_)
+    override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
+                  seed=seed, device=device, train__iterations=iterations, train__batch_size=batch_size,
+                  train__precision=precision, train__compile=compile_)
     import os
 
     from medgen.outputs import check_output_dir

@@ -10,9 +10,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from medgen.cli.main import app
 from typer.testing import CliRunner
-
-from cli.main import app
 
 AFFINE = np.array([[6.0, 0, 0, -45], [0, 6.0, 0, -45], [0, 0, 6.0, -45], [0, 0, 0, 1]])
 
@@ -108,7 +107,7 @@ def test_errors_are_one_line(tiny, tmp_path):
 def test_train_as_subprocess(tiny, config, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, MEDGEN_QUIET="1")
-    cmd = [sys.executable, "-m", "cli", *[str(a) for a in train_args("vae", tiny, out, config)]]
+    cmd = [sys.executable, "-m", "medgen", *[str(a) for a in train_args("vae", tiny, out, config)]]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["checkpoint"] == str(out / "final.pt")

@@ -206,9 +206,8 @@ def test_ensure_cohort_concurrent_callers_generate_once(tmp_path, monkeypatch):
 
 
 def test_cli(tmp_path):
+    from medgen.cli.main import app
     from typer.testing import CliRunner
-
-    from cli.main import app
 
     runner = CliRunner()
     out = tmp_path / "cohort"
@@ -251,9 +250,8 @@ def test_default_cohort_group_means_and_separability(tmp_path):
 
 
 def test_cli_config_section_and_override(tmp_path):
+    from medgen.cli.main import app
     from typer.testing import CliRunner
-
-    from cli.main import app
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"phantom:\n  n: 4\n  seed: 3\n  size: {SMALL}\n")
@@ -268,7 +266,7 @@ def test_cli_subprocess(tmp_path):
     import sys
 
     out = tmp_path / "cohort"
-    cmd = [sys.executable, "-m", "cli", "phantom", "--out", str(out), "--n", "3", "--size", str(SMALL)]
+    cmd = [sys.executable, "-m", "medgen", "phantom", "--out", str(out), "--n", "3", "--size", str(SMALL)]
     ok = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MEDGEN_QUIET": "1"})
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["subjects"] == 3

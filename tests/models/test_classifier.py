@@ -6,14 +6,7 @@ from medgen.models.classifier import Classifier, ClassifierOutput
 from medgen.runtime import resolve_precision
 from medgen.training.steps import Batch, StepContext, create_step
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, tiny convolutions are far faster without spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
