@@ -17,10 +17,9 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from medgen.data.dataset import DEFAULT_CLASS_NAMES
 from medgen.errors import MedgenError
 
-# The phantom cohort's classes, in their conventional order (kept whenever the labels are exactly these names).
-PHANTOM_CLASSES = ("CN", "MCI", "AD")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 KINDS_HELP = "not a phantom folder, datalist JSON, CSV/TSV table or scenes folder"
 
@@ -470,8 +469,8 @@ def _map_labels(
             index_of_key = {k: i for i, k in enumerate(keys)}
         else:
             found = {str(v).strip() for v in raw}
-            if found <= set(PHANTOM_CLASSES):
-                names = [c for c in PHANTOM_CLASSES if c in found]
+            if found <= set(DEFAULT_CLASS_NAMES):
+                names = [c for c in DEFAULT_CLASS_NAMES if c in found]
             else:
                 names = sorted(found)
             index_of_key = {}

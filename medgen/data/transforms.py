@@ -22,31 +22,11 @@ import torch
 
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
+from medgen.geometry import training_affine, training_spacing
 
-FIELD_OF_VIEW_MM = 192.0  # the training grid always spans 192 mm: 3 mm voxels at 64^3 (as the phantom)
 PERCENTILES = (0.5, 99.5)
 INTENSITY_RANGE = (-1.0, 1.0)
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def training_spacing(size: int) -> float:
-    """Voxel size (mm) of the size^3 training grid: 192 mm field of view, 3 mm at size 64."""
-    return FIELD_OF_VIEW_MM / int(size)
-
-
-def training_affine(size: int = 64, spacing: float | None = None, spatial_dims: int = 3) -> np.ndarray:
-    """The canonical training-space affine: RAS, isotropic `spacing` mm, grid centre at world (0, 0, 0).
-
-    Args:
-        size: voxels per side.
-        spacing: voxel size in mm (default training_spacing(size)).
-        spatial_dims: 3 (a 4x4 affine) or 2 (3x3).
-    """
-    spacing = training_spacing(size) if spacing is None else float(spacing)
-    affine = np.eye(spatial_dims + 1)
-    affine[:spatial_dims, :spatial_dims] *= spacing
-    affine[:spatial_dims, spatial_dims] = -spacing * (size - 1) / 2.0
-    return affine
 
 
 def normalisation_record(size: int, spacing: float) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from medgen.data.transforms import (
     augment_training_batch,
     classical_augmentation,
     inspect_volume,
-    training_affine,
 )
 from medgen.errors import MedgenError
+from medgen.geometry import training_affine
 
 
 def blob(shape, seed=0, centre=(0.0, 0.0, 0.0)):

@@ -19,7 +19,8 @@ from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
 from medgen.models.registry import _MODELS, register_model
 from medgen.training.loop import fit
-from medgen.training.steps import _STEPS, Batch, Step, StepContext, register_step
+from medgen.training.steps import Batch, Step, StepContext, register_step
+from medgen.training.steps.base import _STEPS
 
 NAME = "test-dummy-gen"
 
