@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def train(
-    model: Annotated[str, typer.Argument(help="Registered generative model: vae, gan, alpha-gan, parallel-vae.")],
+    model: Annotated[str, typer.Argument(help="A registered generative model (`medgen info` lists them).")],
     out: OutOpt,
     data: DataOpt = None,
     config: ConfigOpt = None,
@@ -51,12 +51,13 @@ def train(
     from medgen.config import load_config
     from medgen.data import load_config_data
     from medgen.errors import MedgenError
-    from medgen.models.registry import get_model_class
+    from medgen.models.registry import get_model_class, list_models
     from medgen.training.loop import fit
 
-    if model == "classifier":
-        raise MedgenError("the classifier is trained by `medgen cv-evaluate`; train takes a generative model")
     get_model_class(model)  # unknown name -> clear error before any data is read
+    if model not in list_models(generative=True):
+        raise MedgenError(f"the {model} is trained by `medgen cv-evaluate`; train takes a generative model "
+                          f"({', '.join(list_models(generative=True))})")
     cfg = load_config(config)
     override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, train__iterations=iterations, train__batch_size=batch_size,
