@@ -36,7 +36,8 @@ def data_check(
     if not data:
         fail("--data is required (a phantom folder, datalist JSON or CSV/TSV table)")
 
-    from medgen.data.datalist import check_dataset, detect_kind
+    from medgen.data.check import check_dataset
+    from medgen.data.datalist import detect_kind
 
     if detect_kind(data) == "scenes":
         _scenes_summary(data, as_json)

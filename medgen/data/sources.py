@@ -15,8 +15,8 @@ from medgen.console import log
 from medgen.data.datalist import detect_kind, read_datalist
 from medgen.data.dataset import ImageSet
 from medgen.data.phantom import ensure_cohort
+from medgen.data.preprocessing import preprocess_records
 from medgen.data.scenes import load_scene_dataset
-from medgen.data.transforms import preprocess_records
 
 
 def load_dataset(

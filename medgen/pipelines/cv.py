@@ -46,8 +46,8 @@ from medgen.checkpoint import model_from_checkpoint
 from medgen.config import Config, TrainConfig
 from medgen.console import log
 from medgen.data import load_config_data
+from medgen.data.augmentation import augment_training_batch
 from medgen.data.dataset import ImageSet
-from medgen.data.transforms import augment_training_batch
 from medgen.errors import MedgenError
 from medgen.evaluation.report import build_results
 from medgen.evaluation.splits import Splits, make_splits

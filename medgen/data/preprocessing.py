@@ -1,4 +1,4 @@
-"""MONAI pipelines: validate and bring volumes to the size^3 training space; classical augmentation.
+"""Preprocessing (MONAI): validate and bring volumes to the size^3 training space.
 
 Preprocessing (per volume, cached in memory as one tensor):
     LoadImaged -> check 3D / finite / not constant -> EnsureChannelFirstd -> Orientationd(RAS)
@@ -10,23 +10,17 @@ Tissue maps, when present, follow the same spatial steps with nearest-neighbour 
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from medgen.data.dataset import ImageSet
+from medgen.data.inspection import INTENSITY_RANGE, PERCENTILES, RAS_LABELS, root_message, volume_problem
 from medgen.errors import MedgenError
 from medgen.geometry import training_affine, training_spacing
-
-PERCENTILES = (0.5, 99.5)
-INTENSITY_RANGE = (-1.0, 1.0)
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def normalisation_record(size: int, spacing: float) -> dict[str, Any]:
@@ -42,97 +36,6 @@ def normalisation_record(size: int, spacing: float) -> dict[str, Any]:
         "crop": "foreground, only when larger than the grid",
         "pad_value": INTENSITY_RANGE[0],
     }
-
-
-def volume_problem(shape: Sequence[int], n_nonfinite: int = 0) -> str | None:
-    """Why an array of `shape` cannot be used as a 3D volume (None when it can).
-
-    A 4D array with a singleton last axis counts as 3D (it is squeezed on loading).
-
-    Args:
-        shape: the array shape as stored in the file.
-        n_nonfinite: number of NaN/Inf voxels.
-    """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 4 and shape[-1] == 1:
-        shape = shape[:3]
-    if len(shape) < 3 or (len(shape) == 3 and min(shape) == 1):
-        return f"is a 2D image (shape {shape}); a 3D volume is needed"
-    if len(shape) > 3:
-        return f"is a {len(shape)}D image (shape {shape}); a single 3D volume is needed"
-    if n_nonfinite:
-        return f"has {n_nonfinite} NaN/Inf voxels"
-    return None
-
-
-@dataclass
-class VolumeInfo:
-    """Header and raw-intensity facts about one image file, before any preprocessing.
-
-    Attributes:
-        path: the file.
-        shape: array shape as stored.
-        spacing: voxel sizes (mm) of the first three axes.
-        orientation: axis codes of the affine, e.g. "RAS" or "LPS".
-        dtype: stored data type.
-        minimum, maximum: finite intensity range.
-        p_low, p_high: the PERCENTILES of the finite intensities.
-        problem: why the file cannot be used (None when it can).
-    """
-
-    path: str
-    shape: tuple[int, ...] = ()
-    spacing: tuple[float, ...] = ()
-    orientation: str = ""
-    dtype: str = ""
-    minimum: float = float("nan")
-    maximum: float = float("nan")
-    p_low: float = float("nan")
-    p_high: float = float("nan")
-    problem: str | None = None
-
-
-def inspect_volume(path: str) -> VolumeInfo:
-    """Read one file with nibabel and describe it; problems are reported in `.problem`, never raised.
-
-    Args:
-        path: image file (NIfTI or any format nibabel reads).
-    """
-    import nibabel as nib
-
-    info = VolumeInfo(path=str(path))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = nib.load(str(path))
-            info.shape = tuple(int(s) for s in img.shape)
-            info.spacing = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
-            info.orientation = "".join(nib.aff2axcodes(img.affine)) if img.affine is not None else "?"
-            info.dtype = str(img.get_data_dtype())
-            arr = np.asanyarray(img.dataobj)
-    except Exception as e:
-        info.problem = f"{path}: cannot read image ({_root_message(e)})"
-        return info
-    finite = np.isfinite(arr) if np.issubdtype(arr.dtype, np.floating) else np.ones(arr.shape, bool)
-    n_bad = int(arr.size - np.count_nonzero(finite))
-    problem = volume_problem(info.shape, n_bad)
-    values = arr[finite] if n_bad else arr.ravel()
-    if values.size:
-        info.minimum, info.maximum = float(values.min()), float(values.max())
-        info.p_low, info.p_high = (float(v) for v in np.percentile(values, PERCENTILES))
-        if problem is None and info.minimum == info.maximum:
-            problem = f"every voxel has the same value ({info.minimum:g}); the image is empty"
-    if problem:
-        info.problem = f"{path}: {problem}"
-    return info
-
-
-def _root_message(e: BaseException) -> str:
-    """The innermost cause's first line (MONAI wraps errors in 'applying transform ...')."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _robust_range(x: torch.Tensor) -> tuple[float, float]:
@@ -204,7 +107,7 @@ class Preprocessor:
                 warnings.simplefilter("ignore")
                 img = self.load[key]({key: path})[key]
         except Exception as e:
-            raise MedgenError(f"{path}: cannot read image ({_root_message(e)})") from None
+            raise MedgenError(f"{path}: cannot read image ({root_message(e)})") from None
         arr = img.as_tensor().numpy() if hasattr(img, "as_tensor") else img.numpy()
         n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         problem = volume_problem(tuple(img.shape), n_bad)
@@ -242,7 +145,7 @@ class Preprocessor:
         except MedgenError:
             raise
         except Exception as e:
-            raise MedgenError(f"{record['image']}: preprocessing failed ({_root_message(e)})") from None
+            raise MedgenError(f"{record['image']}: preprocessing failed ({root_message(e)})") from None
         image = data["image"]
         out = {
             "image": image.as_tensor().float() if hasattr(image, "as_tensor") else image.float(),
@@ -314,107 +217,3 @@ def preprocess_records(
 # ----------------------------------------------------------------------------------------- augmentation
 
 
-@dataclass
-class AugmentDraw:
-    """Parameters drawn for one image: integer voxel shifts per axis and an in-plane angle (radians)."""
-
-    shift: tuple[int, ...]
-    angle: float
-
-    @property
-    def identity(self) -> bool:
-        return not any(self.shift) and self.angle == 0.0
-
-
-@dataclass
-class ClassicalAugmentation:
-    """The reference study's augmentation: random translation and axial-plane rotation.
-
-    With probability p_translate the image is shifted; then each axis independently (probability p_axis) by
-    min_shift..max_shift voxels in a random direction. With probability p_rotate it is rotated by an angle
-    uniform in +-max_degrees in the axial plane (axes 0-1, R-A, of a RAS volume; the image plane in 2D).
-    Parameters are drawn from a torch.Generator, then applied by a deterministic MONAI Affine (one resampling,
-    border padding so the background stays background; an integer shift alone is exact).
-
-    Args:
-        spatial_dims: 2 or 3.
-        p_translate: probability of translating an image.
-        p_axis: probability of shifting along each axis, given a translation.
-        min_shift, max_shift: shift size range in voxels.
-        p_rotate: probability of rotating an image.
-        max_degrees: largest rotation angle.
-    """
-
-    spatial_dims: int = 3
-    p_translate: float = 0.95
-    p_axis: float = 0.66
-    min_shift: int = 1
-    max_shift: int = 4
-    p_rotate: float = 0.90
-    max_degrees: float = 6.0
-
-    def draw(self, generator: torch.Generator) -> AugmentDraw:
-        """Draw one image's parameters (always the same number of random numbers, so streams stay aligned)."""
-        d = self.spatial_dims
-        u = torch.rand(3 + 3 * d, generator=generator, device=generator.device).tolist()
-        translate, rotate, angle_u = u[0], u[1], u[2]
-        axis_u, size_u, sign_u = u[3:3 + d], u[3 + d:3 + 2 * d], u[3 + 2 * d:3 + 3 * d]
-        shift = [0] * d
-        if translate < self.p_translate:
-            n_sizes = self.max_shift - self.min_shift + 1
-            for a in range(d):
-                if axis_u[a] < self.p_axis:
-                    magnitude = self.min_shift + min(int(size_u[a] * n_sizes), n_sizes - 1)
-                    shift[a] = magnitude if sign_u[a] < 0.5 else -magnitude
-        angle = 0.0
-        if rotate < self.p_rotate:
-            angle = math.radians((2.0 * angle_u - 1.0) * self.max_degrees)
-        return AugmentDraw(shift=tuple(shift), angle=angle)
-
-    def apply(self, image: torch.Tensor, params: AugmentDraw) -> torch.Tensor:
-        """Apply drawn parameters to one image [C, *spatial] (deterministic)."""
-        from monai.transforms import Affine
-
-        if params.identity:
-            return image
-        rotate = (0.0, 0.0, params.angle) if self.spatial_dims == 3 else params.angle
-        affine = Affine(rotate_params=rotate, translate_params=[float(s) for s in params.shift],
-                        mode="bilinear", padding_mode="border", image_only=True, device=image.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = affine(image)
-        out = out.as_tensor() if hasattr(out, "as_tensor") else out
-        return out.to(device=image.device, dtype=image.dtype)
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a batch [B, C, *spatial]; each image gets its own draw. Returns a new tensor."""
-        if images.ndim != self.spatial_dims + 2:
-            raise ValueError(f"expected [B, C, {'D, H, W' if self.spatial_dims == 3 else 'H, W'}], "
-                             f"got shape {tuple(images.shape)}")
-        with torch.no_grad():
-            return torch.stack([self.apply(img, self.draw(generator)) for img in images])
-
-
-def classical_augmentation(spatial_dims: int = 3, **kwargs: Any) -> ClassicalAugmentation:
-    """The reference study's classical augmentation (see ClassicalAugmentation).
-
-    Args:
-        spatial_dims: 2 or 3.
-        **kwargs: other ClassicalAugmentation fields.
-    """
-    return ClassicalAugmentation(spatial_dims=spatial_dims, **kwargs)
-
-
-_DEFAULT_3D = ClassicalAugmentation(spatial_dims=3)
-_DEFAULT_2D = ClassicalAugmentation(spatial_dims=2)
-
-
-def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Classical augmentation of a batch [B, 1, D, H, W] (or [B, C, H, W]); deterministic given the generator."""
-    aug = _DEFAULT_2D if images.ndim == 4 else _DEFAULT_3D
-    return aug(images, generator)
-
-
-def augment_training_batch(batch: Any, generator: torch.Generator) -> Any:
-    """fit()'s `transform` hook: a copy of a training Batch with augmented images, same labels."""
-    return dataclasses.replace(batch, images=augment_batch(batch.images, generator))

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from medgen.data import load_dataset, require_per_class
-from medgen.data.transforms import (
+from medgen.data.augmentation import (
+    AugmentDraw,
     ClassicalAugmentation,
-    Preprocessor,
     augment_batch,
     augment_training_batch,
     classical_augmentation,
-    inspect_volume,
 )
+from medgen.data.inspection import inspect_volume
+from medgen.data.preprocessing import Preprocessor
 from medgen.errors import MedgenError
 from medgen.geometry import training_affine
 
@@ -218,8 +219,6 @@ def test_augment_batch_shape_range_and_determinism():
 
 def test_integer_shift_is_exact_and_rotation_is_axial():
     aug = ClassicalAugmentation()
-    from medgen.data.transforms import AugmentDraw
-
     x = torch.rand(1, 16, 16, 16)
     shifted = aug.apply(x, AugmentDraw(shift=(2, 0, -1), angle=0.0))
     # interior voxels equal the input moved by whole voxels (MONAI's translate samples output[i] = input[i + t])
