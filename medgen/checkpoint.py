@@ -170,8 +170,19 @@ def load_checkpoint(path: str | os.PathLike, expected_model: str | None = None) 
             raise MedgenError(f"checkpoint {p} lacks the key {key!r}")
     if expected_model is not None and ckpt["model"] != expected_model:
         raise MedgenError(f"checkpoint {p} holds model {ckpt['model']!r}, not {expected_model!r}")
+    ckpt["kwargs"] = upgrade_kwargs(ckpt["model"], ckpt["kwargs"])
     ckpt["path"] = str(p)
     return ckpt
+
+
+# Constructor arguments renamed since checkpoints were first written: model -> {old name: new name}.
+KWARG_RENAMES: dict[str, dict[str, str]] = {"parallel-vae": {"latent_dim": "latent_per_decoder"}}
+
+
+def upgrade_kwargs(model_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model kwargs under today's argument names (older checkpoints keep loading)."""
+    renames = KWARG_RENAMES.get(model_name, {})
+    return {renames.get(k, k) if renames.get(k, k) not in kwargs else k: v for k, v in kwargs.items()}
 
 
 def _first_line(text: str) -> str:

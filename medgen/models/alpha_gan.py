@@ -46,6 +46,8 @@ class AlphaGAN(nn.Module):
         conditional_encoder: whether E also sees the class (E(x, y)); False gives Kwon et al.'s E(x).
     """
 
+    compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
+
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  e_norm: str = "batch", d_norm: str = "layer", code_hidden: int = 256,

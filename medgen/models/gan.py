@@ -41,6 +41,8 @@ class GAN(nn.Module):
         d_norm: critic normalisation (layer | instance | none).
     """
 
+    compile_children = ("generator",)  # the critic stays eager (gradient penalty: double backward)
+
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  d_norm: str = "layer") -> None:

@@ -12,7 +12,7 @@ from medgen.data.scenes import load_scene_dataset
 from medgen.pipelines.segment import segment
 from medgen.training.loop import fit
 
-TINY = dict(num_decoders=3, latent_dim=4, base_width=4)
+TINY = dict(num_decoders=3, latent_per_decoder=4, base_width=4)
 TRAIN = TrainConfig(iterations=2, batch_size=2, ema_decay=0.0, precision="fp32", log_every=1, sample_every=0,
                     checkpoint_every=0)
 
