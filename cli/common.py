@@ -7,6 +7,7 @@ command imports the medgen library inside its function body.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -92,7 +93,5 @@ def handle_errors(fn: F) -> F:
 
 def echo_json(obj: Any) -> None:
     """Print a result as JSON on stdout."""
-    import json
-
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+import medgen
 from medgen.errors import MedgenError
+from medgen.models.registry import create_model
 from medgen.outputs import atomic_write
 
 FORMAT = "medgen-checkpoint"
@@ -88,8 +90,6 @@ def build_checkpoint(
         config: the resolved run config as a plain dict.
         extra: anything else plain (e.g. elapsed seconds, best metric).
     """
-    import medgen
-
     aff = None
     if affine is not None:
         aff = torch.as_tensor(np.asarray(affine, dtype=np.float64)).clone()
@@ -237,8 +237,6 @@ def model_from_checkpoint(
         (model, meta) with meta keys model, kwargs, step_kwargs, class_names, affine, normalisation,
         step, config, path, sha256.
     """
-    from medgen.models.registry import create_model
-
     ckpt = load_checkpoint(path_or_run_dir, expected_model=expected_model)
     meta = checkpoint_meta(ckpt)
     model = create_model(meta["model"], **meta["kwargs"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Annotated
 
 import typer
@@ -29,9 +31,6 @@ def phantom(
     config: ConfigOpt = None,
 ) -> None:
     """Generate the phantom dementia cohort from the MNI152 template; prints a JSON summary."""
-    import json
-    import time
-
     from medgen.config import load_config, override
     from medgen.data.phantom import generate_cohort
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -31,8 +32,6 @@ def synth(
 
     folder = write_synthetic(checkpoint, out, n=n, classes=classes or None, seed=0 if seed is None else seed,
                              overwrite=overwrite, batch_size=batch_size, device=device or "auto")
-    import json
-
     datalist = json.loads((folder / "datalist.json").read_text())
     counts: dict[str, int] = {}
     for item in datalist["training"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -62,8 +63,6 @@ def train(
     override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, train__iterations=iterations, train__batch_size=batch_size,
                   train__precision=precision, train__compile=compile_)
-    import os
-
     from medgen.outputs import check_output_dir
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 owns the run folder

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -29,9 +30,11 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent first use may generate twice
     fcntl = None
 
+from medgen.console import log, track
 from medgen.data.anatomy import Atlas, load_atlas
 from medgen.data.dataset import DEFAULT_CLASS_NAMES
 from medgen.errors import MedgenError
+from medgen.outputs import staged_dir
 
 GENERATOR_VERSION = "1"
 
@@ -395,8 +398,6 @@ def _validate(n: int, seed: int, effect_scale: float, size: int) -> None:
 
 def _nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
     """NIfTI-1 bytes, gzipped with a fixed header time so that the same data gives the same bytes."""
-    import nibabel as nib
-
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
     img.set_sform(affine, code=4)  # aligned to MNI152
@@ -431,9 +432,6 @@ def generate_cohort(
     Returns:
         The folder path.
     """
-    from medgen.console import track
-    from medgen.outputs import staged_dir
-
     _validate(n, seed, effect_scale, size)
     start = time.perf_counter()
     atlas = load_atlas(size)
@@ -497,8 +495,6 @@ def generate_cohort(
             "template": "MNI152 2009 (nilearn bundled), brain mask and GM/WM probability maps at 2 mm",
         }
         (tmp / "phantom.json").write_text(json.dumps(meta, indent=2) + "\n")
-    from medgen.console import log
-
     log(f"phantom: {n} subjects in {time.perf_counter() - start:.1f} s -> {out}")
     return out
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medgen.console import track
 from medgen.data.dataset import ImageSet
 from medgen.data.inspection import INTENSITY_RANGE, PERCENTILES, RAS_LABELS, root_message, volume_problem
 from medgen.errors import MedgenError
@@ -174,8 +175,6 @@ def preprocess_records(
         spacing: output voxel size in mm (default training_spacing(size): 3 mm at 64).
         description: progress bar label.
     """
-    from medgen.console import track
-
     prep = Preprocessor(size=size, spacing=spacing)
     spacing = prep.spacing
     images, tissues, affines = [], [], []

@@ -9,6 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+
 import torch
 
 from medgen.errors import MedgenError
@@ -80,10 +84,6 @@ def mmd(real: torch.Tensor, synthetic: torch.Tensor, *, seed: int = 0) -> float:
 
 def frechet_distance(real_features: torch.Tensor, synthetic_features: torch.Tensor) -> float:
     """Frechet distance between two feature sets [N, F] (MONAI FIDMetric)."""
-    import contextlib
-    import sys
-    import warnings
-
     from monai.metrics import FIDMetric
 
     if real_features.shape[0] < 2 or synthetic_features.shape[0] < 2:
