@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from medgen.cli.common import echo_json, handle_errors
 
 

@@ -7,6 +7,7 @@ import time
 from typing import Annotated
 
 import typer
+
 from medgen.cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+
 from medgen.cli.common import OutOpt, OverwriteOpt, echo_json, handle_errors
 
 

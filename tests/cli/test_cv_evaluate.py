@@ -7,8 +7,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from medgen.cli.main import app
 from typer.testing import CliRunner
+
+from medgen.cli.main import app
 
 AFFINE = np.array([[6.0, 0, 0, -45], [0, 6.0, 0, -45], [0, 0, 6.0, -45], [0, 0, 0, 1]])
 

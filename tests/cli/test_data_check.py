@@ -8,8 +8,9 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from medgen.cli.main import app
 from typer.testing import CliRunner
+
+from medgen.cli.main import app
 
 AFFINE = np.diag([2.0, 1.5, 2.5, 1.0])
 

@@ -1,8 +1,9 @@
 import subprocess
 import sys
 
-from medgen.cli.main import app
 from typer.testing import CliRunner
+
+from medgen.cli.main import app
 
 
 def test_version_and_help():

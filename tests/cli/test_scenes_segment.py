@@ -3,9 +3,9 @@ import json
 import nibabel as nib
 import numpy as np
 import torch
-from medgen.cli.main import app
 from typer.testing import CliRunner
 
+from medgen.cli.main import app
 from medgen.config import TrainConfig
 from medgen.data.dataset import ImageSet
 from medgen.data.scenes import load_scene_dataset

@@ -207,8 +207,9 @@ def test_ensure_cohort_concurrent_callers_generate_once(tmp_path, monkeypatch):
 
 
 def test_cli(tmp_path):
-    from medgen.cli.main import app
     from typer.testing import CliRunner
+
+    from medgen.cli.main import app
 
     runner = CliRunner()
     out = tmp_path / "cohort"
@@ -251,8 +252,9 @@ def test_default_cohort_group_means_and_separability(tmp_path):
 
 
 def test_cli_config_section_and_override(tmp_path):
-    from medgen.cli.main import app
     from typer.testing import CliRunner
+
+    from medgen.cli.main import app
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"phantom:\n  n: 4\n  seed: 3\n  size: {SMALL}\n")
