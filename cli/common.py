@@ -7,6 +7,7 @@ command imports the medgen library inside its function body.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -46,6 +47,16 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 
 
+def override_data(cfg: Any, *, data: str | None, image_column: str | None, label_column: str | None,
+                  group_column: str | None, **more: Any) -> None:
+    """Apply the shared --data/--image-column/--label-column/--group-column options (and `more`
+    section__key=value overrides, e.g. seed=..., train__iterations=...) to a loaded config; None leaves a key."""
+    from medgen.config import override
+
+    override(cfg, data__path=data, data__image_column=image_column, data__label_column=label_column,
+             data__group_column=group_column, **more)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one error line to stderr and exit with `code`."""
     typer.echo(f"error: {message}", err=True)
@@ -82,7 +93,5 @@ def handle_errors(fn: F) -> F:
 
 def echo_json(obj: Any) -> None:
     """Print a result as JSON on stdout."""
-    import json
-
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()

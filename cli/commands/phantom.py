@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Annotated
 
 import typer
 
-from cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+from medgen.cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -30,9 +32,6 @@ def phantom(
     config: ConfigOpt = None,
 ) -> None:
     """Generate the phantom dementia cohort from the MNI152 template; prints a JSON summary."""
-    import json
-    import time
-
     from medgen.config import load_config, override
     from medgen.data.phantom import generate_cohort
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +26,6 @@ from medgen.evaluation.stats import (
     holm,
     mean_sd,
 )
-from medgen.outputs import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 REFERENCE = "real"
 METRIC = "balanced_accuracy"  # the endpoint of every comparison
@@ -343,92 +340,3 @@ def to_csv(results: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def plot_accuracy(results: dict[str, Any]) -> bytes:
-    """Bar chart: validation and test accuracy per arm, error bars = SD over folds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = results["arms"]
-    x = np.arange(len(arms))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(arms) + 2), 4))
-    for i, (role, name) in enumerate((("val", "validation"), ("test", "test"))):
-        means = [a[f"{role}_accuracy"]["mean"] for a in arms]
-        sds = [0 if a[f"{role}_accuracy"]["sd"] is None or math.isnan(a[f"{role}_accuracy"]["sd"])
-               else a[f"{role}_accuracy"]["sd"] for a in arms]
-        ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=sds, capsize=3, label=name)
-    ax.axhline(1.0 / len(results["class_names"]), color="grey", lw=0.8, ls="--", label="chance")
-    ax.set_xticks(x, [a["label"] for a in arms], rotation=60, ha="right")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Accuracy per arm (mean ± SD over {results['folds']} folds)")
-    ax.legend(fontsize=8)
-    data = _png(fig)
-    plt.close(fig)
-    return data
-
-
-def plot_confusions(results: dict[str, Any]) -> bytes:
-    """Grid of summed (over folds) test confusion matrices, one per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = results["arms"]
-    names = results["class_names"]
-    cols = min(4, len(arms))
-    rows = int(math.ceil(len(arms) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, a in zip(axes.flat, arms, strict=False):
-        cm = np.array(a["test_confusion_sum"])
-        ax.axis("on")
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                    color="white" if v > (cm.max() + cm.min()) / 2 else "black")
-        ax.set_xticks(range(len(names)), names, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(a["label"], fontsize=9)
-        ax.set_xlabel("predicted", fontsize=7)
-        ax.set_ylabel("true", fontsize=7)
-    fig.suptitle("Test confusion matrices, summed over folds")
-    fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
-
-
-def print_table(results: dict[str, Any]) -> None:
-    """Print the summary table to stdout (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    header, rows = table_rows(results)
-    table = Table(title=f"cv-evaluate: {results['folds']} folds (accuracy %, mean ± SD)")
-    for h in header:
-        table.add_column(h, justify="left" if h == "arm" else "right")
-    for r in rows:
-        table.add_row(*r)
-    Console(file=sys.stdout, width=200).print(table)
-
-
-def write_report(out: str | Path, results: dict[str, Any], echo: bool = False) -> None:
-    """Write results.json, results.csv, results.md, accuracy.png and confusion.png (each atomically)."""
-    out = Path(out)
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.csv", to_csv(results))
-    atomic_write_text(out / "results.md", to_markdown(results))
-    atomic_write_bytes(out / "accuracy.png", plot_accuracy(results))
-    atomic_write_bytes(out / "confusion.png", plot_confusions(results))
-    if echo:
-        print_table(results)

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgen.training.steps import Batch, Step, StepContext, register_step
+from medgen.models.classifier import Classifier
+from medgen.training.steps.base import Batch, Step, StepContext, register_step
 
 
-@register_step("classifier")
+@register_step(Classifier)
 @dataclass
 class ClassifierStep(Step):
     """One supervised step.

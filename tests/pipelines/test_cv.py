@@ -7,8 +7,9 @@ import torch
 from medgen.config import Config
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
-from medgen.evaluation import cv as cvmod
-from medgen.evaluation.cv import (
+from medgen.evaluation.splits import Fold, Splits
+from medgen.pipelines import cv as cvmod
+from medgen.pipelines.cv import (
     LeakageError,
     allocate,
     assert_no_leakage,
@@ -17,16 +18,8 @@ from medgen.evaluation.cv import (
     plan_arms,
     run_cv,
 )
-from medgen.evaluation.splits import Fold, Splits
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, tiny convolutions are far faster without spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

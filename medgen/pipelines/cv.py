@@ -46,18 +46,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from medgen.checkpoint import model_from_checkpoint
 from medgen.config import Config, TrainConfig
 from medgen.console import log
+from medgen.data import default_cache_dir, load_config_data, load_dataset
+from medgen.data.augmentation import TrainingAugmentation
 from medgen.data.dataset import ImageSet
-from medgen.errors import MedgenError
-from medgen.evaluation.splits import Splits, make_splits
-from medgen.data import load_dataset
 from medgen.data.phantom import ensure_cohort, read_parameters
-from medgen.data.transforms import TrainingAugmentation
+from medgen.errors import MedgenError
+from medgen.evaluation.report import build_results
+from medgen.evaluation.splits import Splits, make_splits
 from medgen.evaluation.stats import classification_metrics
+from medgen.models.classifier import Classifier
+from medgen.models.registry import create_model, get_model_class
+from medgen.models.sampling import sample_images
 from medgen.outputs import atomic_write_json, atomic_write_text, check_output_dir
+from medgen.pipelines.report import write_report
+from medgen.runtime import resolve_device, seed_everything
+from medgen.training.loop import fill_model_kwargs, fit
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -248,8 +260,6 @@ def load_cv_data(cfg: Config, data: ImageSet | str | Path | None = None) -> tupl
     """
     if isinstance(data, ImageSet):
         return data, "in-memory data"
-    from medgen.training.loop import load_config_data
-
     if data is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
     source = cfg.data.path or (f"built-in phantom (n={cfg.phantom.n}, seed={cfg.phantom.seed}, "
@@ -276,8 +286,6 @@ def fresh_phantom_subjects(cfg: Config, params: dict[str, Any], n: int, role: st
     """`n` new subjects from the phantom's generative process (same effect sizes, a seed of their own),
     preprocessed like the experiment's data; subject ids are prefixed with `role` ("oracle", "test") so
     they can never collide with the cohort's."""
-    from medgen.training.loop import default_cache_dir
-
     seed = derive_seed(int(params["seed"]), 0, f"phantom:{role}")
     cache = Path(cfg.phantom.cache_dir).expanduser() if cfg.phantom.cache_dir else default_cache_dir()
     log(f"{role} pool: {n} fresh phantom subjects (seed {seed}, effect_scale {params['effect_scale']:g})")
@@ -424,10 +432,6 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
     Returns:
         the arm's result (metrics and predictions on validation and test).
     """
-    from medgen.models.classifier import Classifier
-    from medgen.models.registry import create_model
-    from medgen.training.loop import fill_model_kwargs, fit
-
     seed = derive_seed(cfg.seed, fold, arm.key)
     train, per_epoch = classifier_train_config(cfg, len(train_set), device)
     c = cfg.classifier
@@ -459,8 +463,6 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
     result = fit("classifier", train_set, out, model=model, model_kwargs=model_kwargs, step_kwargs=step_kwargs,
                  train=train, device=device, seed=seed, validate=validate, validate_every=per_epoch,
                  select_metric=select, transform=transform, overwrite=True)
-    from medgen.training.checkpoint import model_from_checkpoint
-
     chosen = result.best or result.checkpoint
     best, meta = model_from_checkpoint(chosen, ema=False, expected_model="classifier")
     assert isinstance(best, Classifier)
@@ -494,11 +496,6 @@ def run_linear_arm(arm: Arm, fold: int, seed: int, train_set: ImageSet, val_set:
                    test_set: ImageSet) -> dict[str, Any]:
     """The linear baseline: standardised voxels -> PCA (up to 100 components) -> logistic regression
     (scikit-learn), fitted on the fold's real training volumes only."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     t0 = time.perf_counter()
     num_classes = len(train_set.class_names)
     n_comp = max(1, min(LINEAR_COMPONENTS, len(train_set) - 1))
@@ -526,8 +523,6 @@ def run_linear_arm(arm: Arm, fold: int, seed: int, train_set: ImageSet, val_set:
 def train_generator(cfg: Config, name: str, fold: int, train_set: ImageSet, out: Path, device: torch.device,
                     resume: bool) -> Path:
     """Train generator `name` on the fold's training subjects; return its final checkpoint."""
-    from medgen.training.loop import fit
-
     done = out / "done.json"
     if done.is_file():
         return out / json.loads(done.read_text(encoding="utf-8"))["checkpoint"]
@@ -553,9 +548,6 @@ def synthesize_pool(cfg: Config, name: str, checkpoint: Path, fold: int, class_c
 
     Each class is drawn with its own seed, so a smaller fraction uses a prefix of the same volumes.
     """
-    from medgen.synthesis import sample_images
-    from medgen.training.checkpoint import model_from_checkpoint
-
     model, _ = model_from_checkpoint(checkpoint, ema=True, expected_model=name)
     pool = {}
     for c, n in enumerate(class_counts):
@@ -632,8 +624,6 @@ class ExtraSubjects:
 
 def class_agreement(classifier_ckpt: Path, pool: dict[int, torch.Tensor], device: torch.device) -> list[float]:
     """Share of each class's synthetic volumes that the fold's real-only classifier labels as that class."""
-    from medgen.training.checkpoint import model_from_checkpoint
-
     model, _ = model_from_checkpoint(classifier_ckpt, ema=False, expected_model="classifier")
     model.to(device)
     out = []
@@ -767,8 +757,6 @@ def finished_folds(out: Path, folds: int) -> list[int]:
 
 def merge(out: str | Path, *, echo: bool = False) -> dict[str, Any]:
     """Aggregate finished folds into results.json/.csv/.md and plots (every fold must be finished)."""
-    from medgen.evaluation.report import build_results, write_report
-
     out = Path(out)
     if not (out / "run.json").is_file():
         raise MedgenError(f"{out} is not a cv-evaluate output folder (no run.json)")
@@ -799,16 +787,12 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
     Returns:
         the merged results, or None when folds are still missing (a --fold job).
     """
-    from medgen.runtime import resolve_device, seed_everything
-
     out = Path(out)
     if fold is not None and not 0 <= fold < cfg.cv.folds:
         raise MedgenError(f"--fold {fold} is out of range: the run has {cfg.cv.folds} folds (0..{cfg.cv.folds - 1})")
     if cfg.cv.synthetic_classes not in ("match", "balanced"):
         raise MedgenError(f"cv.synthetic_classes must be match or balanced, got {cfg.cv.synthetic_classes!r}")
     cfg_arms(cfg, oracle=True)  # validates fractions and learning-curve shares
-    from medgen.models.registry import get_model_class
-
     for g in cfg.cv.models:
         if not hasattr(get_model_class(g), "sample"):
             raise MedgenError(f"cv.models: {g!r} is not a generative model (it has no sample()); use e.g. vae, gan, alpha-gan")
