@@ -80,6 +80,7 @@ class ClassifierConfig:
     standardize: bool = False  # add a voxelwise-standardised input channel (training-set statistics)
     schedule: Literal["constant", "cosine"] = "constant"
     select: Literal["accuracy", "balanced_accuracy", "loss"] = "accuracy"  # validation metric that picks the epoch
+    flip: bool = False  # random left-right flips of every arm's training batches (class effects are bilateral)
 
 
 @dataclass

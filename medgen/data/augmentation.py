@@ -142,18 +142,31 @@ def augment_training_batch(batch: Any, generator: torch.Generator) -> Any:
 
 @dataclass
 class TrainingAugmentation:
-    """fit()'s `transform` hook for images on a grid of `spacing_mm` voxels (shifts defined in millimetres).
+    """fit()'s `transform` hook: optional left-right flips, then optional classical augmentation on a grid of
+    `spacing_mm` voxels (shifts defined in millimetres).
 
     Args:
         spacing_mm: voxel size of the training grid.
         spatial_dims: 2 or 3.
+        classical: apply ClassicalAugmentation.
+        flip: mirror each image left-right (the first spatial axis of a RAS volume) with probability 1/2;
+            one uniform draw per image from the loop's generator, so resume stays bit-exact.
     """
 
     spacing_mm: float = 3.0
     spatial_dims: int = 3
+    classical: bool = True
+    flip: bool = False
 
     def __post_init__(self) -> None:
         self.augmentation = ClassicalAugmentation(spatial_dims=self.spatial_dims, spacing_mm=self.spacing_mm)
 
     def __call__(self, batch: Any, generator: torch.Generator) -> Any:
-        return dataclasses.replace(batch, images=self.augmentation(batch.images, generator))
+        images = batch.images
+        if self.flip:
+            mirror = torch.rand(len(images), generator=generator, device=generator.device) < 0.5
+            mirror = mirror.to(images.device).view(-1, *([1] * (images.ndim - 1)))
+            images = torch.where(mirror, images.flip(2), images)  # dim 2: first spatial axis (R-L)
+        if self.classical:
+            images = self.augmentation(images, generator)
+        return dataclasses.replace(batch, images=images)

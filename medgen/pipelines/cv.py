@@ -445,7 +445,10 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
     model = create_model("classifier", **fill_model_kwargs("classifier", model_kwargs, train_set))
     if c.standardize:
         model.set_input_statistics(train_set.images)  # the arm's own training set only
-    transform = TrainingAugmentation(spacing_mm(train_set), train_set.spatial_dims) if arm.augment else None
+    transform = None
+    if arm.augment or c.flip:
+        transform = TrainingAugmentation(spacing_mm(train_set), train_set.spatial_dims, classical=arm.augment,
+                                         flip=c.flip)
     y_val = val_set.labels.numpy()
 
     def validate(m: nn.Module) -> dict[str, float]:

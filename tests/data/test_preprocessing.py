@@ -269,3 +269,17 @@ def test_augmentation_shifts_are_millimetres_on_every_grid():
     batch = Batch(images=torch.rand(2, 1, 16, 16, 16), labels=torch.tensor([0, 1]))
     out = hook(batch, torch.Generator().manual_seed(1))
     assert out.images.shape == batch.images.shape and torch.equal(out.labels, batch.labels)
+
+
+def test_training_augmentation_flips_left_right_only_when_asked():
+    from medgen.data.augmentation import TrainingAugmentation
+    from medgen.training.steps import Batch
+
+    x = torch.arange(4 * 8 ** 3, dtype=torch.float32).view(4, 1, 8, 8, 8)
+    batch = Batch(images=x, labels=torch.arange(4))
+    out = TrainingAugmentation(flip=True, classical=False)(batch, torch.Generator().manual_seed(0)).images
+    flipped = [torch.equal(o, xi.flip(1)) for o, xi in zip(out, x, strict=True)]
+    kept = [torch.equal(o, xi) for o, xi in zip(out, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped)
+    same = TrainingAugmentation(flip=False, classical=False)(batch, torch.Generator().manual_seed(0)).images
+    assert torch.equal(same, x)
