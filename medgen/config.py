@@ -92,6 +92,7 @@ class CVConfig:
     models: list[str] = field(default_factory=lambda: ["vae", "gan", "alpha-gan"])
     fractions: list[float] = field(default_factory=lambda: [0.33, 0.5])
     augmentation: list[bool] = field(default_factory=lambda: [False, True])
+    augment_synthetic: bool = True  # cross the synthetic arms with `augmentation` too (false: real + aug only)
     tstr: bool = True
     generator_iterations: int | dict[str, int] | None = None  # one budget, or one per model name
     synthetic_classes: Literal["match", "balanced"] = "match"

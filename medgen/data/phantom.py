@@ -17,7 +17,10 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import multiprocessing as mp
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,6 +412,54 @@ def _parameters(n: int, seed: int, effect_scale: float, size: int) -> dict:
     return {"n": n, "seed": seed, "effect_scale": float(effect_scale), "size": size}
 
 
+_WORKER_ATLAS: Atlas | None = None  # set in the parent before forking, read by the render workers
+
+
+def _render(atlas: Atlas, job: tuple[int, str, int, int, float]) -> tuple[str, bytes, bytes, dict, dict]:
+    """One subject: its NIfTI bytes (image, tissue), datalist item and table row. Depends on the job only."""
+    i, sid, label, seed, effect_scale = job
+    rng = np.random.default_rng([seed, i + 1])
+    params = draw_subject(rng, sid, label, effect_scale)
+    subj = make_subject(atlas, params, rng)
+    item = {"image": f"{sid}/anat/{sid}_T1w.nii.gz", "label": params.label, "subject": sid,
+            "tissue": f"{sid}/anat/{sid}_dseg.nii.gz"}
+    row = {"subject_id": sid, "label": DEFAULT_CLASS_NAMES[params.label], "age": f"{params.age:.1f}", "sex": params.sex}
+    row.update({k: f"{subj.volumes[k]:.4f}" for k in VOLUME_COLUMNS})
+    row["head_scale"] = f"{params.head_scale:.4f}"
+    row.update({f"log_effect_{k}": f"{v:.4f}" for k, v in params.effects.items()})
+    row["min_jacobian"] = f"{subj.min_jacobian:.4f}"
+    return sid, _nifti_gz(subj.image, atlas.affine), _nifti_gz(subj.tissue, atlas.affine), item, row
+
+
+def _render_in_worker(job: tuple[int, str, int, int, float]) -> tuple[str, bytes, bytes, dict, dict]:
+    assert _WORKER_ATLAS is not None
+    return _render(_WORKER_ATLAS, job)
+
+
+def _render_all(atlas: Atlas, jobs: list, workers: int):
+    """Render subjects in order, in `workers` forked processes (1: in this process). Every subject has its
+    own seeded stream, so the bytes do not depend on the number of workers."""
+    global _WORKER_ATLAS
+    if workers <= 1 or len(jobs) < 8 or "fork" not in mp.get_all_start_methods():
+        for job in jobs:
+            yield _render(atlas, job)
+        return
+    _WORKER_ATLAS = atlas
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+            yield from pool.map(_render_in_worker, jobs, chunksize=4)
+    finally:
+        _WORKER_ATLAS = None
+
+
+def default_workers() -> int:
+    """Processes for phantom rendering: the CPUs this process may use, at most 8."""
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except AttributeError:
+        return max(1, min(8, os.cpu_count() or 1))
+
+
 def generate_cohort(
     out: str | Path,
     *,
@@ -417,6 +468,7 @@ def generate_cohort(
     effect_scale: float = 1.0,
     size: int = 64,
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> Path:
     """Write a phantom cohort folder (datalist.json, participants.tsv, phantom.json, sub-*/anat/*).
 
@@ -429,10 +481,12 @@ def generate_cohort(
         effect_scale: multiplies the class mean effects (0 gives no class differences).
         size: voxels per side (field of view 192 mm; 64 gives 3 mm voxels).
         overwrite: replace an existing folder.
+        workers: rendering processes (default: the usable CPUs, at most 8); the output does not depend on it.
     Returns:
         The folder path.
     """
     _validate(n, seed, effect_scale, size)
+    workers = default_workers() if workers is None else workers
     start = time.perf_counter()
     atlas = load_atlas(size)
     labels = class_labels(n, seed)
@@ -440,33 +494,13 @@ def generate_cohort(
     rows, training = [], []
     out = Path(out)
     with staged_dir(out, overwrite=overwrite) as tmp:
-        for i in track(range(n), "phantom"):
-            sid = f"sub-{i + 1:0{width}d}"
-            rng = np.random.default_rng([seed, i + 1])
-            params = draw_subject(rng, sid, labels[i], effect_scale)
-            subj = make_subject(atlas, params, rng)
+        jobs = [(i, f"sub-{i + 1:0{width}d}", labels[i], seed, effect_scale) for i in range(n)]
+        for sid, t1, dseg, item, row in track(_render_all(atlas, jobs, workers), "phantom", total=n):
             anat = tmp / sid / "anat"
             anat.mkdir(parents=True)
-            (anat / f"{sid}_T1w.nii.gz").write_bytes(_nifti_gz(subj.image, atlas.affine))
-            (anat / f"{sid}_dseg.nii.gz").write_bytes(_nifti_gz(subj.tissue, atlas.affine))
-            training.append(
-                {
-                    "image": f"{sid}/anat/{sid}_T1w.nii.gz",
-                    "label": params.label,
-                    "subject": sid,
-                    "tissue": f"{sid}/anat/{sid}_dseg.nii.gz",
-                }
-            )
-            row = {
-                "subject_id": sid,
-                "label": DEFAULT_CLASS_NAMES[params.label],
-                "age": f"{params.age:.1f}",
-                "sex": params.sex,
-            }
-            row.update({k: f"{subj.volumes[k]:.4f}" for k in VOLUME_COLUMNS})
-            row["head_scale"] = f"{params.head_scale:.4f}"
-            row.update({f"log_effect_{k}": f"{v:.4f}" for k, v in params.effects.items()})
-            row["min_jacobian"] = f"{subj.min_jacobian:.4f}"
+            (anat / f"{sid}_T1w.nii.gz").write_bytes(t1)
+            (anat / f"{sid}_dseg.nii.gz").write_bytes(dseg)
+            training.append(item)
             rows.append(row)
 
         datalist = {

@@ -111,7 +111,7 @@ def _pct(f: float) -> int:
 
 def plan_arms(models: list[str], fractions: list[float], augmentation: list[bool], tstr: bool, *,
               curve: list[float] = (), oracle: bool = False, permuted: bool = False,
-              linear: bool = False) -> list[Arm]:
+              linear: bool = False, augment_synthetic: bool = True) -> list[Arm]:
     """All arms of the experiment, in report order (the first is the "real only" reference).
 
     Args:
@@ -120,6 +120,7 @@ def plan_arms(models: list[str], fractions: list[float], augmentation: list[bool
         oracle: add an oracle arm per fraction (fresh real subjects; phantom data only).
         permuted: add a permuted-label arm at the largest fraction (the best generator, chosen per fold).
         linear: add the voxel-PCA + logistic baseline.
+        augment_synthetic: also cross the synthetic arms with `augmentation` (else only without).
     """
     for f in fractions:
         if not 0.0 < f < 1.0:
@@ -141,7 +142,7 @@ def plan_arms(models: list[str], fractions: list[float], augmentation: list[bool
                             fraction=f))
     for g in models:
         for f in fractions:
-            for aug in augmentation:
+            for aug in augmentation if augment_synthetic else [False]:
                 arms.append(Arm(f"{g}_f{_pct(f)}{'_aug' if aug else ''}", f"{g} {_pct(f)}%{' + aug' if aug else ''}",
                                 generator=g, fraction=f, augment=aug))
         if tstr:
@@ -157,7 +158,7 @@ def cfg_arms(cfg: Config, oracle: bool) -> list[Arm]:
     """The arms a config asks for (`oracle`: whether the data allow the oracle arm)."""
     c = cfg.cv
     return plan_arms(c.models, c.fractions, c.augmentation, c.tstr, curve=c.learning_curve, oracle=oracle,
-                     permuted=c.permuted, linear=c.linear_baseline)
+                     permuted=c.permuted, linear=c.linear_baseline, augment_synthetic=c.augment_synthetic)
 
 
 def generator_iterations(cfg: Config, name: str) -> int | None:

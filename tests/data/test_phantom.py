@@ -51,6 +51,12 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert all(da[k] != dc[k] for k in images)
 
 
+def test_parallel_rendering_gives_the_same_bytes(tmp_path):
+    one = ph.generate_cohort(tmp_path / "one", n=9, seed=2, size=SMALL, workers=1)
+    two = ph.generate_cohort(tmp_path / "two", n=9, seed=2, size=SMALL, workers=2)
+    assert _digest(one) == _digest(two)
+
+
 def test_folder_format(cohort):
     datalist = json.loads((cohort / "datalist.json").read_text())
     assert datalist["labels"] == {"0": "CN", "1": "MCI", "2": "AD"}
