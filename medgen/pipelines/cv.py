@@ -534,6 +534,11 @@ def train_generator(cfg: Config, name: str, fold: int, train_set: ImageSet, out:
     if generator_iterations(cfg, name) is not None:
         train.iterations = generator_iterations(cfg, name)
     train.sample_every = min(train.sample_every, train.iterations) if train.sample_every else 0
+    # An EMA whose window (1 / (1 - decay) iterations) is longer than a tenth of the run averages in the
+    # untrained initial weights: short per-fold budgets would sample from a half-initial generator.
+    cap = 1.0 - 10.0 / train.iterations
+    if train.ema_decay > max(cap, 0.0):
+        train.ema_decay = max(cap, 0.0)
     run = out / "run"
     partial = run.exists() and any(run.iterdir())
     result = fit(name, train_set, run, model_kwargs=dict(cfg.models.get(name, {})),
