@@ -156,7 +156,7 @@ def write_synthetic(
     from medgen.runtime import resolve_device
     from medgen.training.checkpoint import model_from_checkpoint
 
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, inputs=[checkpoint])
     model, meta = model_from_checkpoint(checkpoint, ema=ema)
     class_names = meta["class_names"]
     affine = meta["affine"]
@@ -171,7 +171,7 @@ def write_synthetic(
         raise MedgenError(f"checkpoint {meta['path']} produces {probe.ndim - 2}D images; synth writes 3D volumes")
     desc = _bids_label(meta["model"])
     ckpt_name = Path(meta["path"]).name
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    with staged_dir(out, overwrite=overwrite, inputs=[checkpoint], command="synth") as tmp:
         atomic_write_json(tmp / "dataset_description.json", {
             "Name": f"medgen synthetic {meta['model']} volumes",
             "BIDSVersion": "1.9.0",

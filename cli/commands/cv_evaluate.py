@@ -83,4 +83,9 @@ def cv_evaluate(
         cfg.cv.models = _split_list(models, "--models", str)
     if fractions is not None:
         cfg.cv.fractions = _split_list(fractions, "--fractions", float)
-    run_cv(cfg, out, fold=fold, resume=resume, overwrite=overwrite, echo=True)
+    from medgen.outputs import check_output_dir, output_lock
+
+    check_output_dir(out, overwrite=overwrite, resume=resume or fold is not None, inputs=[data, config])
+    # one writer per run folder; separate --fold jobs share it by design, so each locks its fold
+    with output_lock(out if fold is None else Path(out).with_name(f"{Path(out).name}.fold_{fold}")):
+        run_cv(cfg, out, fold=fold, resume=resume, overwrite=overwrite, echo=True)

@@ -40,6 +40,9 @@ def phantom(
     # the cohort seed: --seed, else the phantom section's seed
     override(cfg, phantom__n=n, phantom__seed=seed, phantom__effect_scale=effect_scale, phantom__size=size)
     pc = cfg.phantom
+    from medgen.outputs import check_output_dir
+
+    check_output_dir(out, overwrite=overwrite, inputs=[config])
     start = time.perf_counter()
     path = generate_cohort(
         out, n=pc.n, seed=pc.seed, effect_scale=pc.effect_scale, size=pc.size, overwrite=overwrite

@@ -31,8 +31,8 @@ def train(
     out: OutOpt,
     data: DataOpt = None,
     config: ConfigOpt = None,
-    iterations: Annotated[int | None, typer.Option("--iterations", help="Training iterations.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", min=1, help="Training iterations.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size.")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     precision: Annotated[
@@ -61,17 +61,19 @@ def train(
              data__label_column=label_column, data__group_column=group_column,
              train__iterations=iterations, train__batch_size=batch_size, train__precision=precision,
              train__compile=compile_)
+    import contextlib
     import os
 
-    from medgen.outputs import check_output_dir
+    from medgen.outputs import check_output_dir, output_lock
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 owns the run folder
     if rank0:
-        check_output_dir(out, overwrite=overwrite, resume=resume)
-    dataset = load_config_data(cfg)
-    result = fit(model, dataset, out, model_kwargs=cfg.models.get(model, {}), step_kwargs=cfg.steps.get(model, {}),
-                 train=cfg.train, device=cfg.device, seed=cfg.seed, resume=resume, overwrite=overwrite,
-                 config=cfg.to_dict())
+        check_output_dir(out, overwrite=overwrite, resume=resume, inputs=[data, config])
+    with output_lock(out) if rank0 else contextlib.nullcontext():
+        dataset = load_config_data(cfg)
+        result = fit(model, dataset, out, model_kwargs=cfg.models.get(model, {}),
+                     step_kwargs=cfg.steps.get(model, {}), train=cfg.train, device=cfg.device, seed=cfg.seed,
+                     resume=resume, overwrite=overwrite, config=cfg.to_dict())
     if not rank0:
         return
     last = result.history[-1] if result.history else {}

@@ -441,7 +441,7 @@ def generate_cohort(
     width = max(4, len(str(n)))
     rows, training = [], []
     out = Path(out)
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    with staged_dir(out, overwrite=overwrite, command="phantom") as tmp:
         for i in track(range(n), "phantom"):
             sid = f"sub-{i + 1:0{width}d}"
             rng = np.random.default_rng([seed, i + 1])

@@ -20,7 +20,6 @@ import csv
 import dataclasses
 import io
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from medgen.config import TrainConfig
 from medgen.console import log, make_progress
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
-from medgen.outputs import atomic_write_text, check_output_dir
+from medgen.outputs import atomic_write_text, check_output_dir, clear_output_dir, make_output_dir
 from medgen.runtime import (
     bf16_channels_last_hazards,
     compile_model,
@@ -241,10 +240,10 @@ def fit(
         raise MedgenError("train.iterations and train.batch_size must be at least 1")
     distributed.local_batch_size(min(train.batch_size, len(data)), world)  # the global batch splits evenly
     resuming = resume and last_path.is_file()
-    if main and overwrite and not resuming and out.exists():
-        shutil.rmtree(out)
+    if main and overwrite and not resuming:
+        clear_output_dir(out)  # only a folder medgen wrote (check_output_dir refused any other)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out, "train")
     distributed.barrier()
 
     precision = resolve_precision(train.precision, dev)

@@ -44,7 +44,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = ph.generate_cohort(tmp_path / "b", n=4, seed=5, size=SMALL)
     c = ph.generate_cohort(tmp_path / "c", n=4, seed=6, size=SMALL)
     da, db, dc = _digest(a), _digest(b), _digest(c)
-    assert len(da) == 3 + 2 * 4
+    assert len(da) == 3 + 2 * 4 + 1  # + the .medgen marker
     assert da == db
     images = [k for k in da if k.endswith("_T1w.nii.gz")]
     assert all(da[k] != dc[k] for k in images)

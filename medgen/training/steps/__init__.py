@@ -108,6 +108,12 @@ def register_step(name: str) -> Callable[[type[Step]], type[Step]]:
     return deco
 
 
+def step_class(name: str) -> type[Step] | None:
+    """The Step class registered for model `name`, or None."""
+    _import_all()
+    return _STEPS.get(name)
+
+
 def create_step(name: str, **kwargs: Any) -> Step:
     """Build the Step for model `name` from its hyper-parameters (config `steps.<name>`)."""
     _import_all()
