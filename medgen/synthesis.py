@@ -191,6 +191,9 @@ def write_synthetic(
                 chunk = decode(model, z[i : i + batch_size], labels[i : i + batch_size], batch_size=batch_size,
                                device=dev)
             vol = chunk[i % batch_size]
+            if not bool(torch.isfinite(vol).all()) or float(vol.max() - vol.min()) == 0.0:
+                raise MedgenError(f"checkpoint {meta['path']} produced a {'NaN' if not torch.isfinite(vol).all() else 'constant'} "
+                                  f"volume for class {class_names[label]} (index {i}); nothing was written")
             sub = f"sub-synth{i + 1:04d}"
             rel = f"{sub}/anat/{sub}_desc-{desc}_T1w.nii.gz"
             path = tmp / rel

@@ -93,11 +93,14 @@ def write_volumes(folder: Path, n: int, shape=(16, 16, 16), affine: np.ndarray |
     items = []
     for i in range(n):
         x = rng.random(shape).astype(np.float32) + (i % 3)
-        img = nib.Nifti1Image(x, AFFINE if affine is None else affine)
-        if affine is None:  # a zero affine: no qform/sform and zero voxel sizes
-            img.header.set_sform(None, code=0)
-            img.header.set_qform(None, code=0)
-            img.header["pixdim"][1:4] = 0
+        img = nib.Nifti1Image(x, affine)
+        if affine is None:  # a zero affine: an all-zero sform, no qform
+            h = nib.Nifti1Header()
+            h.set_data_shape(shape)
+            h.set_data_dtype(np.float32)
+            h.set_qform(None, code=0)
+            h.set_sform(np.zeros((4, 4)), code=1)
+            img = nib.Nifti1Image(x, None, header=h)
         nib.save(img, str(folder / f"s{i}.nii.gz"))
         lab = labels[i] if labels else ["CN", "MCI", "AD"][i % 3]
         items.append({"image": f"s{i}.nii.gz", "label": lab, "subject": f"p{i}"})

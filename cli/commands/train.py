@@ -71,6 +71,10 @@ def train(
         check_output_dir(out, overwrite=overwrite, resume=resume, inputs=[data, config])
     with output_lock(out) if rank0 else contextlib.nullcontext():
         dataset = load_config_data(cfg)
+        from medgen.training.preflight import preflight_train
+
+        preflight_train(model, cfg.models.get(model, {}), cfg.steps.get(model, {}), dataset, cfg.train.precision,
+                        cfg.device)
         result = fit(model, dataset, out, model_kwargs=cfg.models.get(model, {}),
                      step_kwargs=cfg.steps.get(model, {}), train=cfg.train, device=cfg.device, seed=cfg.seed,
                      resume=resume, overwrite=overwrite, config=cfg.to_dict())

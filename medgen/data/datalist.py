@@ -454,6 +454,12 @@ def _map_labels(
             raise MedgenError(f"{where}: missing label")
         if not isinstance(rec["label"], (str, int, float)) or isinstance(rec["label"], bool):
             raise MedgenError(f"{where}: label {rec['label']!r} is not a class name or integer")
+        try:
+            number = float(str(rec["label"]).strip())
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number) and not number.is_integer():
+            raise MedgenError(f"{where}: label {rec['label']!r} is not an integer class index or a class name")
 
     if class_names is not None:
         names = [str(n) for n in class_names]

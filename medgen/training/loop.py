@@ -54,6 +54,7 @@ from medgen.training.checkpoint import (
     build_checkpoint,
     load_checkpoint,
     load_model_state,
+    nonfinite_weights,
     save_checkpoint,
     to_plain,
 )
@@ -184,6 +185,59 @@ def can_sample(model: nn.Module) -> bool:
     return hasattr(model, "sample") and hasattr(model, "latent_dim")
 
 
+# Settings a resumed run may change: how long it runs and how often it reports (not what it computes).
+RESUME_MAY_CHANGE = {"device", "train.iterations", "train.max_seconds", "train.log_every", "train.sample_every",
+                     "train.checkpoint_every", "data.path", "data.cache", "data.image_column", "data.label_column",
+                     "data.group_column", "phantom.cache_dir"}
+
+
+def data_fingerprint(data: ImageSet) -> str:
+    """sha256 over the images (a strided sample), labels, subjects and class names: same data, same string."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(repr((tuple(data.images.shape), list(data.class_names), list(data.subjects))).encode())
+    h.update(data.labels.numpy().tobytes())
+    flat = data.images.reshape(-1)
+    h.update(flat[:: max(1, flat.numel() // 1_000_003)].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_resume(ckpt: dict[str, Any], cfg_dict: dict[str, Any], seed: int, fingerprint: str, path: Path) -> None:
+    """Refuse to resume a run with other data, another seed or another config than it was started with."""
+    extra = ckpt.get("extra", {})
+    old_seed = extra.get("seed", ckpt.get("config", {}).get("seed"))
+    if old_seed is not None and int(old_seed) != int(seed):
+        raise MedgenError(f"{path}: the run was started with seed {old_seed}, not {seed}; resume with the same "
+                          "seed or start a new --out")
+    if extra.get("data_fingerprint") not in (None, fingerprint):
+        raise MedgenError(f"{path}: the run was trained on other data (fingerprint {extra['data_fingerprint']}, "
+                          f"now {fingerprint}); resume with the same --data or start a new --out")
+    old, new = _flatten(to_plain(ckpt.get("config") or {})), _flatten(to_plain(cfg_dict))
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+    if old and diff:
+        raise MedgenError(f"{path}: the run was started with a different config ({', '.join(diff[:4])}"
+                          f"{' ...' if len(diff) > 4 else ''} differ); resume with the same config or start a new --out")
+
+
+def _check_weights(model: nn.Module, ema: EMA | None, iteration: int, good: Path | None) -> None:
+    """Stop with one line when the weights (or their EMA) hold NaN/Inf, naming the last good checkpoint."""
+    bad = nonfinite_weights({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None})
+    if bad:
+        where = str(good) if good is not None else "none (no checkpoint written yet)"
+        raise MedgenError(f"the weights became non-finite by iteration {iteration} ({len(bad)} tensors, e.g. "
+                          f"{bad[0]}; lower train.lr?); last good checkpoint: {where}")
+
+
 def fit(
     model_name: str,
     data: ImageSet,
@@ -276,10 +330,12 @@ def fit(
         "seed": seed, "train": dataclasses.asdict(train),
         "models": {model_name: kwargs}, "steps": {model_name: step_kwargs},
     }
+    fingerprint = data_fingerprint(data)
     start, elapsed_before, best_value = 0, 0.0, -math.inf
     history: list[dict[str, Any]] = []
     if resuming:
         ckpt = load_checkpoint(last_path, expected_model=model_name)
+        check_resume(ckpt, cfg_dict, seed, fingerprint, last_path)
         state = ckpt["state"]
         load_model_state(raw_model, state["model"], f"checkpoint {last_path}")
         if ema is not None and state.get("ema") is not None:
@@ -323,7 +379,7 @@ def fit(
                 "scalers": {n: s.state_dict() for n, s in scalers.items()},
             },
             step=iteration, rng=rng_state(), config=cfg_dict,
-            extra={"seconds": seconds, "ema_updates": ema.num_updates if ema is not None else 0,
+            extra={"seconds": seconds, "data_fingerprint": fingerprint, "seed": seed, "ema_updates": ema.num_updates if ema is not None else 0,
                    "best_value": best_value if math.isfinite(best_value) else None},
         )
 
@@ -379,7 +435,9 @@ def fit(
             if bad:
                 kind = "NaN" if math.isnan(values[bad[0]]) else "infinite"
                 where = str(good_checkpoint) if good_checkpoint is not None else "none (no checkpoint written yet)"
-                raise MedgenError(f"loss {bad[0]} became {kind} at iteration {it + 1}; last good checkpoint: {where}")
+                what = bad[0] if "loss" in bad[0] else f"loss {bad[0]}"
+                raise MedgenError(f"{what} became {kind} at iteration {it + 1}; last good checkpoint: {where} "
+                                  "(lower train.lr?)")
             if ema is not None:
                 ema.update(raw_model)
             iteration = it + 1
@@ -399,6 +457,7 @@ def fit(
             if train.sample_every and (iteration % train.sample_every == 0 or done):
                 write_montage(iteration)
             if main and ((train.checkpoint_every and iteration % train.checkpoint_every == 0) or done):
+                _check_weights(raw_model, ema, iteration, good_checkpoint)
                 save_checkpoint(last_path, make_checkpoint(iteration, seconds))
                 good_checkpoint = last_path
             progress.update(task, completed=iteration)
