@@ -332,7 +332,7 @@ def build_cases(w: Path) -> list[Case]:
     # ---- item 13: misleading messages
     (w / "m1").mkdir()
     datalist(w / "m1", [{"image": 12, "label": "CN"}])
-    add(Case("datalist image: 12", ["data-check", "--data", str(w / "m1" / "datalist.json")], expect="string"))
+    add(Case("datalist image: 12", ["data-check", "--data", str(w / "m1" / "datalist.json")], expect="path string"))
     (w / "m2" / "adir").mkdir(parents=True)
     datalist(w / "m2", [{"image": "adir", "label": "CN"}])
     add(Case("datalist image is a folder", ["data-check", "--data", str(w / "m2" / "datalist.json")], expect="folder"))

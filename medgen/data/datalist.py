@@ -363,9 +363,13 @@ def _build(
     records: list[dict[str, Any]] = []
     for where, raw in rows:
         image = raw["image"]
+        if image is not None and not isinstance(image, str):
+            raise MedgenError(f"{where}: \"{image_column}\" must be a file path string, got {image!r}")
         if not isinstance(image, str) or not image.strip():
             raise MedgenError(f"{where}: empty image path in \"{image_column}\"")
         image_path = _resolve(base, image)
+        if image_path.is_dir():
+            raise MedgenError(f"{where}: {image_path} is a folder, not an image file")
         if not image_path.is_file():
             raise MedgenError(f"{where}: image file not found: {image_path}")
         key = str(image_path)

@@ -171,3 +171,15 @@ def test_checkpoint_kwargs_edited_to_a_huge_model_are_refused(run, monkeypatch):
     monkeypatch.setattr(preflight, "_ram_bytes", lambda: 1 << 10)
     with pytest.raises(MedgenError, match="GiB"):
         model_from_checkpoint(run)
+
+
+# ---------------------------------------------------------------- item 13
+
+@pytest.mark.parametrize("image, match", [(12, "must be a file path string, got 12"), ("adir", "is a folder")])
+def test_misleading_image_messages(tmp_path, image, match):
+    from medgen.data.datalist import read_datalist
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "dl.json").write_text(json.dumps({"training": [{"image": image, "label": "CN"}]}))
+    with pytest.raises(MedgenError, match=match):
+        read_datalist(tmp_path / "dl.json")
