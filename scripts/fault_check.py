@@ -217,15 +217,16 @@ def build_cases(w: Path) -> list[Case]:
     # ---- item 3: races and concurrent writers
     def concurrent(case: Case) -> tuple[int, str]:
         out = w / "conc"
-        first = background(["phantom", "--n", "150", "--size", "16", "--seed", "1", "--out", str(out)])
+        first = background(["phantom", "--n", "5000", "--size", "16", "--seed", "1", "--out", str(out)])
         wait_for(lambda: (w / ".conc.writer.lock").exists())
         rc, err = medgen(["phantom", "--n", "6", "--size", "16", "--seed", "2", "--out", str(out)])
-        first.wait(timeout=300)
-        if first.returncode != 0:
-            return 1, f"first writer failed: {first.stderr.read()}"
-        seed = json.loads((out / "phantom.json").read_text())["parameters"]["seed"]
-        if seed != 1:
-            return 1, "the second writer replaced the first one's output"
+        still = first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+        if not still:
+            return 1, "the first writer finished before the second started (make it longer)"
+        if out.exists() and (out / "phantom.json").is_file():
+            return 1, "the second writer wrote its output over the first one's"
         return rc, err
 
     add(Case("two concurrent phantom runs", [], run=concurrent, expect="another medgen process"))
