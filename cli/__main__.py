@@ -1,5 +1,5 @@
-"""`python -m cli ...` (used by torchrun: `torchrun --nproc_per_node 2 -m cli train ...`)."""
+"""`python -m medgen.cli ...`, the same as `python -m medgen ...`."""
 
-from cli.main import main
+from medgen.cli.main import main
 
 main()

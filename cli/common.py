@@ -7,8 +7,11 @@ command imports the medgen library inside its function body.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -48,6 +51,27 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 
 
+def load_config(path: str | Path | None) -> Any:
+    """Load a config (YAML file or preset name) and check its `models.<name>` / `steps.<name>` sections
+    against the model and Step registries (did-you-mean names and keys), before any output is made."""
+    from medgen.config import load_config as load
+    from medgen.training.preflight import check_model_sections
+
+    cfg = load(path)
+    check_model_sections(cfg, "config" if path is None else str(path))
+    return cfg
+
+
+def override_data(cfg: Any, *, data: str | None, image_column: str | None, label_column: str | None,
+                  group_column: str | None, **more: Any) -> None:
+    """Apply the shared --data/--image-column/--label-column/--group-column options (and `more`
+    section__key=value overrides, e.g. seed=..., train__iterations=...) to a loaded config; None leaves a key."""
+    from medgen.config import override
+
+    override(cfg, data__path=data, data__image_column=image_column, data__label_column=label_column,
+             data__group_column=group_column, **more)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one error line to stderr and exit with `code`."""
     typer.echo(f"error: {message}", err=True)
@@ -68,9 +92,6 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import signal
-        import threading
-
         from medgen.errors import MedgenError, Terminated, explain
 
         debug = os.environ.get("MEDGEN_DEBUG", "") == "1"
@@ -108,7 +129,5 @@ def handle_errors(fn: F) -> F:
 
 def echo_json(obj: Any) -> None:
     """Print a result as JSON on stdout."""
-    import json
-
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()

@@ -36,7 +36,7 @@ def root(
 
 def _register() -> None:
     # Command modules import only typer at module level; the library is imported when a command runs.
-    from cli.commands import COMMANDS
+    from medgen.cli.commands import COMMANDS
 
     for module in COMMANDS:
         module.register(app)

@@ -3,8 +3,9 @@
 A config file is validated on load: unknown keys and mistyped values give one clear error naming the
 file and the dotted key. Command-line options are applied afterwards with `override`, so they win.
 Numbers carry their allowed range (field metadata), checked for the file and the command line alike.
-Model and step sections (`models.<name>`, `steps.<name>`) are keyword arguments; their names are
-checked against the registry and their keys against the model's signature / the Step's fields on load.
+Model and step sections (`models.<name>`, `steps.<name>`) are keyword arguments; their names and keys
+are checked against the registries by medgen.training.preflight.check_model_sections (config is below
+the model layer), which the CLI runs right after loading (medgen.cli.common.load_config).
 YAML aliases are expanded only within a small budget (a "billion laughs" file is refused, not expanded).
 """
 
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from medgen.errors import MedgenError
+from medgen.errors import MedgenError, describe_os_error
 
 PRESETS = ("smoke", "quick", "paper")
 PRECISION_NAMES = ("auto", "fp32", "tf32", "bf16", "fp16")
@@ -46,6 +47,10 @@ def _check_rules(value: Any, rules: typing.Mapping[str, Any], where: str, source
     if isinstance(value, list):
         for i, v in enumerate(value):
             _check_rules(v, rules, f"{where}[{i}]", source)
+        return
+    if isinstance(value, dict):  # e.g. cv.generator_iterations: one budget per model name
+        for k, v in value.items():
+            _check_rules(v, rules, f"{where}.{k}", source)
         return
     if isinstance(value, float) and not math.isfinite(value) and not (rules.get("inf_ok") and value == math.inf):
         raise MedgenError(f"{source}: {where} must be a finite number, got {value!r}")
@@ -115,6 +120,10 @@ class ClassifierConfig:
     weight_decay: float = _f(1e-4, ge=0.0)
     dropout: float = _f(0.0, ge=0.0, lt=1.0)
     label_smoothing: float = _f(0.0, ge=0.0, lt=1.0)
+    norm: Literal["batch", "instance"] = "batch"  # plain backbone only
+    standardize: bool = False  # add a voxelwise-standardised input channel (training-set statistics)
+    schedule: Literal["constant", "cosine"] = "constant"
+    select: Literal["accuracy", "balanced_accuracy", "loss"] = "accuracy"  # validation metric that picks the epoch
 
 
 @dataclass
@@ -127,9 +136,17 @@ class CVConfig:
     fractions: list[float] = field(default_factory=lambda: [0.33, 0.5])
     augmentation: list[bool] = field(default_factory=lambda: [False, True])
     tstr: bool = True
-    generator_iterations: int | None = _f(None, ge=1)
+    generator_iterations: int | dict[str, int] | None = _f(None, ge=1)  # one budget, or one per model name
     synthetic_classes: Literal["match", "balanced"] = "match"
     size: int | None = _f(None, choices=IMAGE_SIZES)  # grid the experiment resamples to (None: data.size), e.g. 32 for CPU runs
+    # Controls (DESIGN.md section 5): real-data learning curve (shares of each fold's training subjects),
+    # the oracle arm (fresh phantom subjects; None = on for phantom data), permuted-label synthetic arm,
+    # a voxel-PCA + logistic baseline, and fresh phantom subjects added to the held-out test set.
+    learning_curve: list[float] = _f(factory=lambda: [0.5, 0.75], gt=0.0, lt=1.0)
+    oracle: bool | None = None
+    permuted: bool = True
+    linear_baseline: bool = True
+    extra_test: int = _f(0, ge=0)
 
 
 @dataclass
@@ -234,38 +251,7 @@ def _rules(cls: type, name: str) -> typing.Mapping[str, Any]:
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a plain mapping (e.g. parsed YAML) into a Config."""
-    cfg = _build(Config, data, "", source)
-    check_model_sections(cfg, source)
-    return cfg
-
-
-def check_model_sections(cfg: Config, source: str = "config") -> None:
-    """`models.<name>` and `steps.<name>`: registered names (with a did-you-mean) and known keys."""
-    if not cfg.models and not cfg.steps:
-        return
-    from medgen.models.registry import check_kwargs, get_model_class, list_models
-    from medgen.training.steps import step_class
-
-    known = list_models()
-    for section in ("models", "steps"):
-        for name, kwargs in getattr(cfg, section).items():
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise MedgenError(f"{source}: unknown model {section}.{name}{hint}; known models: {', '.join(known)}")
-            if section == "models":
-                check_kwargs(get_model_class(name).__init__, kwargs, f"{source}: models.{name}")
-            else:
-                cls = step_class(name)
-                if cls is None:
-                    raise MedgenError(f"{source}: steps.{name}: model {name!r} has no training step")
-                names = [f.name for f in dataclasses.fields(cls)]
-                for key in kwargs:
-                    if key not in names:
-                        close = difflib.get_close_matches(key, names, n=1)
-                        hint = f" (did you mean {close[0]!r}?)" if close else f" (takes: {', '.join(names)})"
-                        raise MedgenError(f"{source}: steps.{name}: unknown key {key!r}{hint}")
-                check_kwargs(cls.__init__, kwargs, f"{source}: steps.{name}")
+    return _build(Config, data, "", source)
 
 
 class _BudgetLoader(yaml.SafeLoader):
@@ -341,8 +327,6 @@ def load_config(path: str | Path | None) -> Config:
     except UnicodeDecodeError as e:
         raise MedgenError(f"{p}: not valid YAML (not UTF-8 text)") from e
     except OSError as e:
-        from medgen.errors import describe_os_error
-
         raise MedgenError(describe_os_error(e, default_path=p)) from e
     data = load_yaml(text, str(p))
     return config_from_dict(data or {}, source=str(p))

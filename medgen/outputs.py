@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import medgen
+from medgen.console import log
 from medgen.errors import MedgenError, describe_os_error
 
 try:
@@ -91,8 +93,6 @@ def has_marker(folder: str | os.PathLike) -> bool:
 
 def write_marker(folder: str | os.PathLike, command: str | None = None) -> None:
     """Write medgen's marker file into `folder` (created by medgen; may be replaced with --overwrite)."""
-    import medgen
-
     # no time or pid in it: same inputs, same bytes
     info = {"written_by": "medgen", "version": medgen.__version__, "command": command}
     atomic_write_json(Path(folder) / MARKER, info)
@@ -259,8 +259,6 @@ def remove_stale_leftovers(out: str | os.PathLike) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True)
         done.append(p)
     if done:
-        from medgen.console import log
-
         log(f"removed {len(done)} leftover folder(s) of an interrupted run beside {out}")
     return done
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from dataclasses import dataclass
 
@@ -94,7 +93,8 @@ def bf16_channels_last_hazards(model: nn.Module) -> list[str]:
     output size.
 
     Returns:
-        Names of the hazardous layers; ["?"] when the model gives no way to build an input.
+        Names of the hazardous layers; ["?"] when the model gives no way to build an input (the model
+        protocol's `example_inputs`, or in_channels/image_size/spatial_dims; medgen/models/protocol.py).
     """
     gen = torch.Generator().manual_seed(0)
     if hasattr(model, "example_inputs"):
@@ -169,14 +169,12 @@ def default_space_to_depth(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-COMPILE_CHILDREN = ("encoder", "generator", "decoder", "decoders", "backbone", "net")
-
-
 def compile_model(model: nn.Module, *, mode: str | None = None) -> list[str]:
     """Compile the parts of a model whose graphs need only a first-order backward, in place.
 
-    Critics are left eager: the WGAN-GP gradient penalty differentiates their gradient (double backward),
-    which torch.compile does not support. Models without such a part are compiled whole.
+    The model names them in `compile_children` (the model protocol, medgen/models/protocol.py): critics are
+    left out, since the WGAN-GP gradient penalty differentiates their gradient (double backward), which
+    torch.compile does not support. A model without `compile_children` is compiled whole.
 
     Args:
         model: the model; `nn.Module.compile()` keeps the state-dict keys unchanged.
@@ -185,14 +183,13 @@ def compile_model(model: nn.Module, *, mode: str | None = None) -> list[str]:
     Returns:
         The names of the compiled children ("" for the whole model).
     """
-    names = [n for n, _ in model.named_children()]
-    has_critic = any("discriminator" in n or "critic" in n for n in names)
-    if not has_critic:
+    children = getattr(model, "compile_children", None)
+    if children is None:
         model.compile(mode=mode)
         return [""]
     done = []
     for name, child in model.named_children():
-        if name in COMPILE_CHILDREN:
+        if name in children:
             child.compile(mode=mode)
             done.append(name)
     return done
@@ -240,7 +237,3 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
     return Precision(name=name, device_type=device.type, autocast_dtype=dtype)
 
-
-def env_flag(name: str) -> bool:
-    """True when an environment variable is set to 1/true/yes."""
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

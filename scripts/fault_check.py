@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-MEDGEN = [sys.executable, "-m", "cli"]
+MEDGEN = [sys.executable, "-m", "medgen"]
 TINY = """\
 seed: 0
 models:

@@ -9,7 +9,7 @@ import torch
 
 from medgen import losses
 from medgen.errors import MedgenError
-from medgen.models.gan import Discriminator
+from medgen.models.networks import Discriminator
 
 
 def test_kl_divergence_known_values() -> None:

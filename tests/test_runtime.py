@@ -141,6 +141,8 @@ def test_default_channels_last_is_a_bool():
 
 
 class _WithCritic(nn.Module):
+    compile_children = ("encoder", "generator")
+
     def __init__(self):
         super().__init__()
         self.encoder = nn.Linear(2, 2)

@@ -6,4 +6,4 @@ NAMES = [
     "phantom", "data_check", "train", "synth", "evaluate_synth", "cv_evaluate", "scenes", "segment", "info",
 ]
 
-COMMANDS = [importlib.import_module(f"cli.commands.{name}") for name in NAMES]
+COMMANDS = [importlib.import_module(f"medgen.cli.commands.{name}") for name in NAMES]

@@ -7,18 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import (
-    ConfigOpt,
-    DataOpt,
-    DeviceOpt,
-    GroupColumnOpt,
-    ImageColumnOpt,
-    LabelColumnOpt,
-    OutOpt,
-    OverwriteOpt,
-    SeedOpt,
-    handle_errors,
-)
+from medgen.cli import common as cli
 
 
 def register(app: typer.Typer) -> None:
@@ -37,11 +26,11 @@ def _split_list(value: str, what: str, cast: type) -> list:
         raise MedgenError(f"{what} must be a comma-separated list of {cast.__name__} values, got {value!r}") from None
 
 
-@handle_errors
+@cli.handle_errors
 def cv_evaluate(
-    out: OutOpt,
-    config: ConfigOpt = None,
-    data: DataOpt = None,
+    out: cli.OutOpt,
+    config: cli.ConfigOpt = None,
+    data: cli.DataOpt = None,
     models: Annotated[
         str | None, typer.Option("--models", help="Generators to compare, comma-separated (e.g. vae,gan,alpha-gan).")
     ] = None,
@@ -49,7 +38,7 @@ def cv_evaluate(
         str | None, typer.Option("--fractions", help="Synthetic shares of the training set, e.g. 0.33,0.5.")
     ] = None,
     folds: Annotated[int | None, typer.Option("--folds", min=2, help="Cross-validation folds.")] = None,
-    seed: SeedOpt = None,
+    seed: cli.SeedOpt = None,
     fold: Annotated[
         int | None, typer.Option("--fold", min=0, help="Run only this fold (0-based); jobs share --out, then merge.")
     ] = None,
@@ -59,32 +48,30 @@ def cv_evaluate(
     merge: Annotated[
         bool, typer.Option("--merge", help="Only combine the finished folds in --out into the results.")
     ] = False,
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    image_column: ImageColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    group_column: GroupColumnOpt = None,
+    overwrite: cli.OverwriteOpt = False,
+    device: cli.DeviceOpt = None,
+    image_column: cli.ImageColumnOpt = None,
+    label_column: cli.LabelColumnOpt = None,
+    group_column: cli.GroupColumnOpt = None,
 ) -> None:
     """Does synthetic data help a classifier? Subject-level K-fold CV with a held-out test set: per fold,
     train each generator on the training subjects, then classifiers on real only, real + classical
     augmentation, real + synthetic at each fraction (with and without augmentation) and synthetic
     only (TSTR). Writes results.json/.csv/.md and plots to OUT and prints the table."""
-    from medgen.config import load_config, override
-    from medgen.evaluation.cv import merge as merge_folds
-    from medgen.evaluation.cv import run_cv
+    from medgen.outputs import check_output_dir, output_lock
+    from medgen.pipelines.cv import merge as merge_folds
+    from medgen.pipelines.cv import run_cv
 
     if merge:
         merge_folds(Path(out), echo=True)
         return
-    cfg = load_config(config)
-    override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,
-             data__label_column=label_column, data__group_column=group_column, cv__folds=folds)
+    cfg = cli.load_config(config)
+    cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
+                  seed=seed, device=device, cv__folds=folds)
     if models is not None:
         cfg.cv.models = _split_list(models, "--models", str)
     if fractions is not None:
         cfg.cv.fractions = _split_list(fractions, "--fractions", float)
-    from medgen.outputs import check_output_dir, output_lock
-
     check_output_dir(out, overwrite=overwrite, resume=resume or fold is not None, inputs=[data, config])
     # one writer per run folder; separate --fold jobs share it by design, so each locks its fold
     with output_lock(out if fold is None else Path(out).with_name(f"{Path(out).name}.fold_{fold}")):

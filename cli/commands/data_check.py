@@ -7,19 +7,19 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DataOpt, GroupColumnOpt, ImageColumnOpt, LabelColumnOpt, echo_json, fail, handle_errors
+from medgen.cli import common as cli
 
 
 def register(app: typer.Typer) -> None:
     app.command("data-check")(data_check)
 
 
-@handle_errors
+@cli.handle_errors
 def data_check(
-    data: DataOpt = None,
-    image_column: ImageColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    group_column: GroupColumnOpt = None,
+    data: cli.DataOpt = None,
+    image_column: cli.ImageColumnOpt = None,
+    label_column: cli.LabelColumnOpt = None,
+    group_column: cli.GroupColumnOpt = None,
     folds: Annotated[
         int | None, typer.Option("--folds", min=2, help="Also check every class has this many subjects.")
     ] = None,
@@ -27,9 +27,10 @@ def data_check(
 ) -> None:
     """Check a dataset before training: prints a summary to stdout; exit 1 with one line on any problem."""
     if not data:
-        fail("--data is required (a phantom folder, datalist JSON or CSV/TSV table)")
+        cli.fail("--data is required (a phantom folder, datalist JSON or CSV/TSV table)")
 
-    from medgen.data.datalist import check_dataset, detect_kind
+    from medgen.data.check import check_dataset
+    from medgen.data.datalist import detect_kind
 
     if detect_kind(data) == "scenes":
         _scenes_summary(data, as_json)
@@ -43,14 +44,14 @@ def data_check(
     )
     summary = report.summary()
     if as_json:
-        echo_json(summary)
+        cli.echo_json(summary)
     else:
         _print_tables(summary)
     problems = summary["problems"]
     if problems:
         n_more = len(problems) - 1
         more = f" (+{n_more} more problem{'s' if n_more > 1 else ''}, see the summary)" if n_more else ""
-        fail(problems[0] + more)
+        cli.fail(problems[0] + more)
 
 
 def _print_tables(summary: dict) -> None:
@@ -112,7 +113,7 @@ def _scenes_summary(data: str, as_json: bool) -> None:
         "ok": True,
     }
     if as_json:
-        echo_json(summary)
+        cli.echo_json(summary)
     else:
         typer.echo(f"scenes {data}: {summary['items']} images of {summary['scenes']} scenes, shape "
                    f"{'x'.join(map(str, summary['shape']))}, values {summary['intensity']['min']:.3g}.."

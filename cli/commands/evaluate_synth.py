@@ -7,53 +7,42 @@ from typing import Annotated
 
 import typer
 
-from cli.common import (
-    ConfigOpt,
-    DataOpt,
-    DeviceOpt,
-    GroupColumnOpt,
-    ImageColumnOpt,
-    LabelColumnOpt,
-    SeedOpt,
-    echo_json,
-    handle_errors,
-)
+from medgen.cli import common as cli
 
 
 def register(app: typer.Typer) -> None:
     app.command("evaluate-synth")(evaluate_synth)
 
 
-@handle_errors
+@cli.handle_errors
 def evaluate_synth(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file or a `medgen train` run folder.")],
-    data: DataOpt = None,
+    data: cli.DataOpt = None,
     n: Annotated[int | None, typer.Option("--n", min=1, max=100_000, help="Synthetic volumes per class (default: as many as real).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result to this JSON file.")] = None,
     pairs: Annotated[int, typer.Option("--pairs", min=1, help="Random pairs per set for MS-SSIM.")] = 20,
     classifier_iterations: Annotated[
         int, typer.Option("--classifier-iterations", min=1, help="Training iterations of the feature classifier.")
     ] = 200,
-    config: ConfigOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    image_column: ImageColumnOpt = None,
-    label_column: LabelColumnOpt = None,
-    group_column: GroupColumnOpt = None,
+    config: cli.ConfigOpt = None,
+    seed: cli.SeedOpt = None,
+    device: cli.DeviceOpt = None,
+    image_column: cli.ImageColumnOpt = None,
+    label_column: cli.LabelColumnOpt = None,
+    group_column: cli.GroupColumnOpt = None,
 ) -> None:
     """MS-SSIM (synthetic vs real pairs), MMD, Frechet distance on classifier features, nearest-neighbour check."""
-    from medgen.config import load_config, override
+    from medgen.checkpoint import load_checkpoint
+    from medgen.data import load_config_data
     from medgen.errors import MedgenError
-    from medgen.evaluation.metrics import evaluate_synthesis
     from medgen.outputs import atomic_write_json
-    from medgen.training.checkpoint import load_checkpoint
-    from medgen.training.loop import load_config_data
+    from medgen.pipelines.evaluate_synth import evaluate_synthesis
 
     if json_path is not None and json_path.is_dir():
         raise MedgenError(f"--json {json_path} is a folder; give a file name, e.g. {json_path / 'quality.json'}")
-    cfg = load_config(config)
-    override(cfg, seed=seed, device=device, data__path=data, data__image_column=image_column,
-             data__label_column=label_column, data__group_column=group_column)
+    cfg = cli.load_config(config)
+    cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
+                  seed=seed, device=device)
     ckpt = load_checkpoint(checkpoint)
     real = load_config_data(cfg, class_names=ckpt["class_names"], size=ckpt["kwargs"].get("image_size"))
     del ckpt
@@ -62,4 +51,4 @@ def evaluate_synth(
     result["data"] = cfg.data.path or "phantom"
     if json_path is not None:
         atomic_write_json(json_path, result)
-    echo_json(result)
+    cli.echo_json(result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import echo_json, handle_errors
+from medgen.cli.common import echo_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Annotated
 
 import typer
 
-from cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+from medgen.cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors, load_config
 
 
 def register(app: typer.Typer) -> None:
@@ -30,18 +32,14 @@ def phantom(
     config: ConfigOpt = None,
 ) -> None:
     """Generate the phantom dementia cohort from the MNI152 template; prints a JSON summary."""
-    import json
-    import time
-
-    from medgen.config import load_config, override
+    from medgen.config import override
     from medgen.data.phantom import generate_cohort
+    from medgen.outputs import check_output_dir
 
     cfg = load_config(config)
     # the cohort seed: --seed, else the phantom section's seed
     override(cfg, phantom__n=n, phantom__seed=seed, phantom__effect_scale=effect_scale, phantom__size=size)
     pc = cfg.phantom
-    from medgen.outputs import check_output_dir
-
     check_output_dir(out, overwrite=overwrite, inputs=[config])
     start = time.perf_counter()
     path = generate_cohort(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import OutOpt, OverwriteOpt, echo_json, handle_errors
+from medgen.cli.common import OutOpt, OverwriteOpt, echo_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:

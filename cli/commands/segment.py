@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DeviceOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+from medgen.cli.common import DeviceOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -27,7 +27,7 @@ def segment(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write per-image segmentations, picture panels, a latent traversal and metrics (FG-ARI, mSC, Dice, probe)."""
-    from medgen.segment import segment as run
+    from medgen.pipelines.segment import segment as run
 
     metrics = run(checkpoint, data, out, n=n, panels=panels, batch_size=batch_size, device=device or "auto",
                   seed=seed or 0, overwrite=overwrite)

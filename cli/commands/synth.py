@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import DeviceOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+from medgen.cli.common import DeviceOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -28,12 +29,10 @@ def synth(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write N synthetic volumes (NIfTI with the training affine, datalist.json, participants.tsv) to OUT."""
-    from medgen.synthesis import write_synthetic
+    from medgen.pipelines.synthesize import write_synthetic
 
     folder = write_synthetic(checkpoint, out, n=n, classes=classes or None, seed=0 if seed is None else seed,
                              overwrite=overwrite, batch_size=batch_size, device=device or "auto")
-    import json
-
     datalist = json.loads((folder / "datalist.json").read_text())
     counts: dict[str, int] = {}
     for item in datalist["training"]:

@@ -14,10 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-# Field of view of the training grid (mm) and its centre in MNI space: the centre of the MNI152
-# brain mask's bounding box, so the whole brain (154 mm tall) fits with a margin.
-FIELD_OF_VIEW_MM = 192.0
-CENTRE_MNI = (0.0, -17.0, 5.0)
+from medgen.geometry import mni_affine
 
 # Soft ellipsoids (centre mm, radii mm, pitch about the x axis in degrees) per region; paired
 # regions are mirrored in x. Centres from DESIGN.md section 2; radii give volumes of the usual size.
@@ -60,18 +57,6 @@ class Atlas:
     csf: np.ndarray
     regions: dict[str, np.ndarray]
     cortex: np.ndarray
-
-
-def training_affine(size: int) -> np.ndarray:
-    """The RAS affine of the size^3 training grid: isotropic 192/size mm voxels centred on the brain.
-
-    Args:
-        size: voxels per side (64 gives 3 mm voxels).
-    """
-    spacing = FIELD_OF_VIEW_MM / size
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = np.asarray(CENTRE_MNI) - spacing * (size - 1) / 2.0
-    return affine
 
 
 def grid_mm(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -142,7 +127,7 @@ def load_atlas(size: int = 64) -> Atlas:
     csf = np.clip(mask - gm - wm, 0.0, 1.0)
     vent_src = _ventricles(csf, src_affine)
 
-    affine = training_affine(size)
+    affine = mni_affine(size)
     shape = (size, size, size)
     r_mask, r_gm, r_wm, r_vent = (_resample(a, src_affine, affine, shape) for a in (mask, gm, wm, vent_src))
     r_mask = np.clip(r_mask, 0.0, 1.0)

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+DEFAULT_CLASS_NAMES = ("CN", "MCI", "AD")  # the built-in cohort's classes, and the class order a table of these names gets
+
 
 @dataclass
 class ImageSet:

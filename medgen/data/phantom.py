@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -29,11 +30,13 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent first use may generate twice
     fcntl = None
 
+from medgen.console import log, track
 from medgen.data.anatomy import Atlas, load_atlas
+from medgen.data.dataset import DEFAULT_CLASS_NAMES
 from medgen.errors import MedgenError
+from medgen.outputs import has_marker, staged_dir, write_marker
 
 GENERATOR_VERSION = "1"
-CLASS_NAMES = ("CN", "MCI", "AD")
 
 # Age distribution per class: (mean, sd) in years, clipped to AGE_RANGE.
 AGE = {"CN": (77.0, 5.0), "MCI": (76.0, 7.0), "AD": (76.5, 7.5)}
@@ -206,10 +209,10 @@ def draw_subject(rng: np.random.Generator, subject: str, label: int, effect_scal
     Args:
         rng: the subject's generator.
         subject: subject id.
-        label: class index into CLASS_NAMES.
+        label: class index into DEFAULT_CLASS_NAMES.
         effect_scale: multiplies the class mean effects.
     """
-    name = CLASS_NAMES[label]
+    name = DEFAULT_CLASS_NAMES[label]
     mean, sd = AGE[name]
     age = float(np.clip(rng.normal(mean, sd), *AGE_RANGE))
     sex = "M" if rng.random() < 0.5 else "F"
@@ -372,16 +375,16 @@ def make_subject(atlas: Atlas, p: SubjectParams, rng: np.random.Generator) -> Su
 
 def class_labels(n: int, seed: int) -> list[int]:
     """Balanced labels for n subjects in a seeded order; the remainder goes to the first classes."""
-    k = len(CLASS_NAMES)
+    k = len(DEFAULT_CLASS_NAMES)
     labels = np.array([i % k for i in range(n)])
     order = np.random.default_rng([seed, 0]).permutation(n)
     return [int(x) for x in labels[order]]
 
 
 def _validate(n: int, seed: int, effect_scale: float, size: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < len(CLASS_NAMES):
+    if isinstance(n, bool) or not isinstance(n, int) or n < len(DEFAULT_CLASS_NAMES):
         raise MedgenError(
-            f"phantom n must be an integer >= {len(CLASS_NAMES)} (one subject per class), got {n!r}"
+            f"phantom n must be an integer >= {len(DEFAULT_CLASS_NAMES)} (one subject per class), got {n!r}"
         )
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise MedgenError(f"phantom seed must be a non-negative integer, got {seed!r}")
@@ -395,8 +398,6 @@ def _validate(n: int, seed: int, effect_scale: float, size: int) -> None:
 
 def _nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
     """NIfTI-1 bytes, gzipped with a fixed header time so that the same data gives the same bytes."""
-    import nibabel as nib
-
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
     img.set_sform(affine, code=4)  # aligned to MNI152
@@ -431,9 +432,6 @@ def generate_cohort(
     Returns:
         The folder path.
     """
-    from medgen.console import track
-    from medgen.outputs import staged_dir
-
     _validate(n, seed, effect_scale, size)
     start = time.perf_counter()
     atlas = load_atlas(size)
@@ -461,7 +459,7 @@ def generate_cohort(
             )
             row = {
                 "subject_id": sid,
-                "label": CLASS_NAMES[params.label],
+                "label": DEFAULT_CLASS_NAMES[params.label],
                 "age": f"{params.age:.1f}",
                 "sex": params.sex,
             }
@@ -474,7 +472,7 @@ def generate_cohort(
         datalist = {
             "name": "medgen-phantom",
             "description": "Procedural CN/MCI/AD T1 cohort from the MNI152 2009 template (medgen phantom)",
-            "labels": {str(i): c for i, c in enumerate(CLASS_NAMES)},
+            "labels": {str(i): c for i, c in enumerate(DEFAULT_CLASS_NAMES)},
             "tensorImageSize": "3D",
             "numTraining": n,
             "training": training,
@@ -487,8 +485,8 @@ def generate_cohort(
             "generator": "medgen.data.phantom",
             "version": GENERATOR_VERSION,
             "parameters": _parameters(n, seed, effect_scale, size),
-            "classes": list(CLASS_NAMES),
-            "subjects_per_class": {c: labels.count(i) for i, c in enumerate(CLASS_NAMES)},
+            "classes": list(DEFAULT_CLASS_NAMES),
+            "subjects_per_class": {c: labels.count(i) for i, c in enumerate(DEFAULT_CLASS_NAMES)},
             "spacing_mm": atlas.spacing,
             "affine": atlas.affine.tolist(),
             "tissue_labels": {"0": "background", "1": "CSF", "2": "GM", "3": "WM"},
@@ -497,8 +495,6 @@ def generate_cohort(
             "template": "MNI152 2009 (nilearn bundled), brain mask and GM/WM probability maps at 2 mm",
         }
         (tmp / "phantom.json").write_text(json.dumps(meta, indent=2) + "\n")
-    from medgen.console import log
-
     log(f"phantom: {n} subjects in {time.perf_counter() - start:.1f} s -> {out}")
     return out
 
@@ -513,6 +509,15 @@ def read_parameters(folder: str | Path) -> dict | None:
     if meta.get("version") != GENERATOR_VERSION or not (folder / "datalist.json").is_file():
         return None
     return meta.get("parameters")
+
+
+def _written_by_phantom(folder: Path) -> bool:
+    """Whether `folder` holds the phantom.json this module writes (a cohort medgen generated)."""
+    try:
+        meta = json.loads((folder / "phantom.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == "medgen.data.phantom"
 
 
 def ensure_cohort(
@@ -535,4 +540,8 @@ def ensure_cohort(
             fcntl.flock(lock, fcntl.LOCK_EX)
         if read_parameters(folder) == _parameters(n, seed, effect_scale, size):
             return folder
+        if folder.is_dir() and not has_marker(folder) and _written_by_phantom(folder):
+            # a cohort cached before output folders carried medgen's marker (or of an older generator
+            # version): it is medgen's own, so it may be regenerated in place
+            write_marker(folder, "phantom")
         return generate_cohort(folder, n=n, seed=seed, effect_scale=effect_scale, size=size, overwrite=True)

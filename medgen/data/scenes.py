@@ -22,8 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from medgen.console import track
+from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
+from medgen.outputs import staged_dir
 
 BACKGROUND = {0: "sky", 1: "floor", 2: "wall"}
 BACKGROUND_IDS = sorted(BACKGROUND)
@@ -340,8 +344,6 @@ def frame_angles(scene: Scene, frames: int) -> list[float]:
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
@@ -365,9 +367,6 @@ def write_scenes(out: str | Path, *, n: int, seed: int = 0, split: str = "train"
     Returns:
         Summary dict: folder, images, scenes, seconds, scenes_per_s.
     """
-    from medgen.console import track
-    from medgen.outputs import staged_dir
-
     if n < 1 or frames < 1 or size < 8:
         raise MedgenError(f"scenes: need n >= 1, frames >= 1 and size >= 8 (got n={n}, frames={frames}, size={size})")
     _split_index(split)
@@ -440,10 +439,6 @@ def load_scene_dataset(path: str | Path) -> Any:
         (frames of one scene share a subject), extras: "masks" [N, S, S] int64, "background_ids"
         (per item list), "objects" (per item list of dicts), "shapes_present" [N, 3] int64.
     """
-    from PIL import Image
-
-    from medgen.data.dataset import ImageSet
-
     root = Path(path)
     index_path = root / INDEX_NAME
     try:

@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import adjusted_rand_score, balanced_accuracy_score
+from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 TISSUES = {1: "CSF", 2: "GM", 3: "WM"}
 
@@ -168,13 +173,6 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
         folds: number of CV folds (reduced to the number of groups when fewer).
         seed: random state of the classifier.
     """
-    from sklearn.dummy import DummyClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import GroupKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     x = np.asarray(mu, dtype=np.float64).reshape(len(mu), -1)  # [N, K, L] -> [N, K*L]
     y = np.asarray(targets, dtype=np.int64)
     groups = np.asarray(list(groups))

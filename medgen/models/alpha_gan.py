@@ -12,32 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medgen.models.gan import Discriminator, Generator, check_common
+from medgen.models.networks import CodeDiscriminator, Encoder, check_common, generator_and_critic
 from medgen.models.registry import register_model
-from medgen.models.vae import Encoder
-
-
-class CodeDiscriminator(nn.Module):
-    """MLP critic on latent codes: z [B, latent_dim] -> scores [B].
-
-    Args:
-        latent_dim: size of z.
-        hidden: hidden units per layer.
-        depth: number of hidden layers.
-    """
-
-    def __init__(self, *, latent_dim: int = 128, hidden: int = 256, depth: int = 2) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = latent_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).squeeze(1)  # [B, 1] -> [B]
 
 
 @dataclass
@@ -70,6 +46,8 @@ class AlphaGAN(nn.Module):
         conditional_encoder: whether E also sees the class (E(x, y)); False gives Kwon et al.'s E(x).
     """
 
+    compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
+
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  e_norm: str = "batch", d_norm: str = "layer", code_hidden: int = 256,
@@ -85,12 +63,9 @@ class AlphaGAN(nn.Module):
         self.encoder = Encoder(spatial_dims=spatial_dims, in_channels=in_channels,
                                num_classes=num_classes if conditional_encoder else 0, image_size=image_size,
                                base_width=base_width, out_features=latent_dim, norm=e_norm)
-        self.generator = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
-                                   image_size=image_size, base_width=base_width, latent_dim=latent_dim,
-                                   upsample=upsample, norm=g_norm)
-        self.discriminator = Discriminator(spatial_dims=spatial_dims, in_channels=in_channels,
-                                           num_classes=num_classes, image_size=image_size, base_width=base_width,
-                                           norm=d_norm)
+        self.generator, self.discriminator = generator_and_critic(
+            spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+            base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm)
         self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

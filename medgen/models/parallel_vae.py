@@ -53,12 +53,12 @@ class DecoderBank(nn.Module):
         image_size: output edge length.
         base_width: per-decoder channels at half resolution (doubling towards the bottleneck).
         num_decoders: K.
-        latent_dim: L, latent size per decoder.
+        latent_per_decoder: L, latent size per decoder.
         upsample: "nearest" (upsample + k3 conv) or "transpose" (k4 s2 transposed conv).
     """
 
     def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, base_width: int,
-                 num_decoders: int, latent_dim: int, upsample: str = "nearest") -> None:
+                 num_decoders: int, latent_per_decoder: int, upsample: str = "nearest") -> None:
         super().__init__()
         if upsample not in UPSAMPLES:
             raise MedgenError(f"model 'parallel-vae': upsample must be one of {', '.join(UPSAMPLES)}, got {upsample!r}")
@@ -68,7 +68,7 @@ class DecoderBank(nn.Module):
         self.top = stage_channels(base_width, n)
         features = self.top * BOTTLENECK**spatial_dims
         # one linear map per decoder: weight [K, L, F] applied with einsum
-        self.fc_weight = nn.Parameter(torch.randn(k, latent_dim, features) / latent_dim**0.5)
+        self.fc_weight = nn.Parameter(torch.randn(k, latent_per_decoder, features) / latent_per_decoder**0.5)
         self.fc_bias = nn.Parameter(torch.zeros(k, features))
         layers: list[nn.Module] = [nn.ReLU()]
         chans = [stage_channels(base_width, s) for s in range(n, 0, -1)] + [out_channels]
@@ -103,7 +103,8 @@ class ParallelVAE(nn.Module):
         in_channels: image channels (3 for RGB scenes, 1 for MRI).
         image_size: edge length of the square/cubic input (4 * 2**k).
         num_decoders: K, number of decoders (slots).
-        latent_dim: latent size per decoder (the model's `latent_dim` attribute is K times this).
+        latent_per_decoder: latent size of each decoder; the model's `latent_dim` (the size of one sampled
+            z, the sampling protocol) is num_decoders * latent_per_decoder.
         base_width: channels of the first encoder stage and of each decoder's last stage.
         num_classes: accepted for the loop's uniform kwargs; the model is unconditional.
         norm: encoder normalisation (batch | instance | layer | none).
@@ -111,26 +112,26 @@ class ParallelVAE(nn.Module):
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
-                 latent_dim: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch",
+                 latent_per_decoder: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch",
                  upsample: str = "nearest") -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         if spatial_dims not in (2, 3):
             raise MedgenError(f"{what}: spatial_dims must be 2 or 3, got {spatial_dims}")
         for key, value in (("in_channels", in_channels), ("num_decoders", num_decoders),
-                           ("latent_dim", latent_dim), ("base_width", base_width)):
+                           ("latent_per_decoder", latent_per_decoder), ("base_width", base_width)):
             if value < 1:
                 raise MedgenError(f"{what}: {key} must be >= 1, got {value}")
         self.spatial_dims, self.in_channels, self.image_size = spatial_dims, in_channels, image_size
-        self.num_decoders, self.latent_per_decoder = num_decoders, latent_dim
-        self.latent_dim = num_decoders * latent_dim
+        self.num_decoders, self.latent_per_decoder = num_decoders, latent_per_decoder
+        self.latent_dim = num_decoders * latent_per_decoder  # one z for sample(): all decoders' latents
         self.num_classes = num_classes
         self.encoder = DownTrunk(spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
                                  base_width=base_width, norm=norm)
         features = self.encoder.out_channels * BOTTLENECK**spatial_dims
-        self.heads = nn.Linear(features, num_decoders * 2 * latent_dim)  # all K latent heads in one matmul
+        self.heads = nn.Linear(features, num_decoders * 2 * latent_per_decoder)  # all K latent heads in one matmul
         self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
-                                    base_width=base_width, num_decoders=num_decoders, latent_dim=latent_dim,
+                                    base_width=base_width, num_decoders=num_decoders, latent_per_decoder=latent_per_decoder,
                                     upsample=upsample)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +173,7 @@ class ParallelVAE(nn.Module):
     def tiny_kwargs(cls, spatial_dims: int) -> dict[str, Any]:
         """Small constructor arguments for the model checklist test."""
         return dict(spatial_dims=spatial_dims, in_channels=3 if spatial_dims == 2 else 1, image_size=16,
-                    num_decoders=3, latent_dim=4, base_width=4)
+                    num_decoders=3, latent_per_decoder=4, base_width=4)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """forward() keyword arguments for the checklist test (CPU tensors)."""

@@ -1,4 +1,9 @@
-"""Model registry: register_model / create_model(name, **kwargs) / list_models().
+"""Model registry, the one list of models: register_model / create_model(name, **kwargs) / list_models().
+
+A model module registers its class with @register_model(name); medgen/models/__init__.py imports every
+model module, and since any import of medgen.models.registry runs that package __init__ first, the
+registry is complete whenever it is used. Steps (training/steps) register against these classes, the
+CLI and configs name models by these names.
 
 Models are built from explicit typed keyword arguments only; create_model checks names and types
 against the constructor's signature so a typo in a config gives one clear error.
@@ -32,15 +37,13 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return deco
 
 
-def list_models() -> list[str]:
-    """Names of all registered models."""
-    _import_all()
-    return sorted(_MODELS)
+def list_models(generative: bool = False) -> list[str]:
+    """Names of all registered models (with generative=True, those that can sample: `sample()` + `latent_dim`)."""
+    return sorted(n for n, cls in _MODELS.items() if not generative or hasattr(cls, "sample"))
 
 
 def get_model_class(name: str) -> type[nn.Module]:
     """The class registered under `name`, or a clear error listing the known names."""
-    _import_all()
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -90,7 +93,3 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     model.init_kwargs = dict(kwargs)  # type: ignore[attr-defined]
     return model
 
-
-def _import_all() -> None:
-    """Import the model modules so their @register_model decorators run."""
-    import medgen.models  # noqa: F401

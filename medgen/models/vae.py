@@ -6,47 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.networks.blocks import Convolution
 from torch import nn
 
-from medgen.models.blocks import BOTTLENECK, DownTrunk
-from medgen.models.gan import Generator, check_common
+from medgen.models.networks import Encoder, Generator, check_common
 from medgen.models.registry import register_model
-
-
-class Encoder(nn.Module):
-    """Conditional conv encoder: images [B, C, *spatial] + labels [B] -> features [B, out_features].
-
-    k4 s2 convs down to 4^d, then a full-size conv (a linear layer on the flattened 4^d map) plus a
-    class embedding, i.e. a linear layer on [features, one_hot(label)].
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: image channels.
-        num_classes: number of classes (0: unconditional).
-        image_size: input edge length.
-        base_width: channels after the first conv.
-        out_features: output size (2 * latent_dim for a VAE, latent_dim for alpha-GAN).
-        norm: normalisation of the conv blocks.
-    """
-
-    def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
-                 base_width: int = 8, out_features: int = 256, norm: str = "batch") -> None:
-        super().__init__()
-        self.trunk = DownTrunk(spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
-                               base_width=base_width, norm=norm)
-        self.head = Convolution(spatial_dims, self.trunk.out_channels, out_features, kernel_size=BOTTLENECK,
-                                padding=0, conv_only=True)
-        self.embed = nn.Embedding(num_classes, out_features) if num_classes > 0 else None
-        if self.embed is not None:
-            nn.init.normal_(self.embed.weight, std=0.02)
-        self.out_features = out_features
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        out = self.head(self.trunk(x)).reshape(x.shape[0], self.out_features)  # [B, F, 1, ...] -> [B, F]
-        if self.embed is not None:
-            out = out + self.embed(labels)
-        return out
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Data-parallel training across processes launched by `torchrun` (gloo on CPU, NCCL on CUDA).
 
-    torchrun --nproc_per_node 2 -m cli train gan --data DIR --out runs/gan
+    torchrun --nproc_per_node 2 -m medgen train gan --data DIR --out runs/gan
 
 Every rank holds a full replica. Each iteration all ranks draw the same global batch indices (same
 seed) and take their contiguous share, so the global batch equals `train.batch_size`. After every

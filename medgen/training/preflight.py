@@ -1,57 +1,41 @@
-"""Checks that run before any output is created: the model and its Step build, and fit in memory."""
+"""Checks that run before any output is created: config model/step sections, the model and its Step build,
+and fit in memory (medgen.models.memory)."""
 
 from __future__ import annotations
 
-import os
+import difflib
 from typing import Any
 
-import torch
-
+from medgen.config import Config
 from medgen.errors import MedgenError
+from medgen.models.memory import check_model_fits
+from medgen.models.registry import check_kwargs, get_model_class, list_models
+from medgen.runtime import resolve_device, resolve_precision
+from medgen.training.loop import fill_model_kwargs
+from medgen.training.steps import check_step_kwargs, create_step
 
-MEMORY_SHARE = 0.5  # refuse a model whose weights alone would need more than this share of the RAM
-
-
-def _ram_bytes() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 16 << 30
+__all__ = ["check_model_fits", "check_model_sections", "preflight_train"]
 
 
-def model_bytes(name: str, kwargs: dict[str, Any], what: str) -> int:
-    """Bytes of the float32 weights of registered model `name` built from `kwargs` (built on the meta device,
-    so nothing is allocated); a model that cannot be built gives one line naming `what`."""
-    from medgen.models.registry import create_model
-
-    try:
-        with torch.device("meta"):
-            model = create_model(name, **kwargs)
-    except MedgenError:
-        raise
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MedgenError(f"{what}: the model cannot be built with these settings ({first})") from None
-    return sum(p.numel() for p in model.parameters()) * 4
-
-
-def check_model_fits(name: str, kwargs: dict[str, Any], what: str) -> None:
-    """Refuse a model whose weights (x4: gradients, Adam moments) exceed MEMORY_SHARE of the RAM."""
-    need = model_bytes(name, kwargs, what) * 4
-    have = _ram_bytes()
-    if need > MEMORY_SHARE * have:
-        raise MedgenError(f"{what}: the model needs about {need / 2**30:.1f} GiB for its weights and optimiser "
-                          f"state, more than {MEMORY_SHARE:.0%} of this machine's {have / 2**30:.0f} GiB; "
-                          "use a smaller base_width")
+def check_model_sections(cfg: Config, source: str = "config") -> None:
+    """`models.<name>` and `steps.<name>` of a loaded config: registered names (with a did-you-mean) and
+    known keys (the model's signature, the Step's fields). `source` names the config in errors."""
+    known = list_models()
+    for section in ("models", "steps"):
+        for name, kwargs in getattr(cfg, section).items():
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise MedgenError(f"{source}: unknown model {section}.{name}{hint}; known models: {', '.join(known)}")
+            if section == "models":
+                check_kwargs(get_model_class(name).__init__, kwargs, f"{source}: models.{name}")
+            else:
+                check_step_kwargs(name, kwargs, f"{source}: steps.{name}")
 
 
 def preflight_train(model_name: str, model_kwargs: dict[str, Any], step_kwargs: dict[str, Any], data: Any,
                     precision: str, device: str) -> None:
     """Everything `fit` would refuse after creating the run folder, checked before it."""
-    from medgen.runtime import resolve_device, resolve_precision
-    from medgen.training.loop import fill_model_kwargs
-    from medgen.training.steps import create_step
-
     kwargs = fill_model_kwargs(model_name, dict(model_kwargs), data)
     check_model_fits(model_name, kwargs, f"models.{model_name}")
     create_step(model_name, **dict(step_kwargs))

@@ -7,21 +7,14 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from medgen.cli.main import app
 
 AFFINE = np.array([[6.0, 0, 0, -45], [0, 6.0, 0, -45], [0, 0, 6.0, -45], [0, 0, 0, 1]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, tiny convolutions are far faster without spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _table(d, n_subjects, scans=2):
@@ -54,7 +47,8 @@ def test_cv_evaluate_smoke_every_arm(tmp_path):
     keys = [a["arm"] for a in results["arms"]]
     for g in ("vae", "gan", "alpha-gan"):
         assert {f"{g}_f50", f"{g}_f50_aug", f"tstr_{g}"} <= set(keys)
-    assert keys[:2] == ["real", "real_aug"] and results["class_names"] == ["healthy", "tumour"]
+    assert keys[:3] == ["real", "linear", "real_aug"] and results["class_names"] == ["healthy", "tumour"]
+    assert "oracle_f50" not in keys and "permuted_f50" in keys  # a table of NIfTI files is not a phantom
     assert "tstr_gan" in keys and "test_vs_real" in results["arms"][1]
     for name in ("results.csv", "results.md", "accuracy.png", "confusion.png", "splits.json"):
         assert (out / name).is_file()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from medgen.cli.main import app
 
 AFFINE = np.diag([2.0, 1.5, 2.5, 1.0])
 
@@ -122,12 +122,12 @@ def test_too_few_subjects_for_folds(dataset):
 
 def test_subprocess_exit_codes(dataset):
     env = {**os.environ, "MEDGEN_QUIET": "1"}
-    ok = subprocess.run([sys.executable, "-m", "cli", "data-check", "--data", str(dataset / "data.csv"), "--json"],
+    ok = subprocess.run([sys.executable, "-m", "medgen", "data-check", "--data", str(dataset / "data.csv"), "--json"],
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["scans"] == 8
     path = _edit_table(dataset, 5, "s3.nii.gz,XX,sub1")
-    bad = subprocess.run([sys.executable, "-m", "cli", "data-check", "--data", str(path), "--folds", "2"],
+    bad = subprocess.run([sys.executable, "-m", "medgen", "data-check", "--data", str(path), "--folds", "2"],
                          capture_output=True, text=True, env=env, timeout=300)
     # without a labels map a typo is a new class of its own, which the fold check catches
     assert bad.returncode == 1

@@ -3,7 +3,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from medgen.cli.main import app
 
 
 def test_version_and_help():
@@ -15,7 +15,7 @@ def test_version_and_help():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from cli.main import app; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys; from medgen.cli.main import app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -5,14 +5,14 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from medgen.cli.main import app
 from medgen.config import TrainConfig
 from medgen.data.dataset import ImageSet
 from medgen.data.scenes import load_scene_dataset
-from medgen.segment import segment
+from medgen.pipelines.segment import segment
 from medgen.training.loop import fit
 
-TINY = dict(num_decoders=3, latent_dim=4, base_width=4)
+TINY = dict(num_decoders=3, latent_per_decoder=4, base_width=4)
 TRAIN = TrainConfig(iterations=2, batch_size=2, ema_decay=0.0, precision="fp32", log_every=1, sample_every=0,
                     checkpoint_every=0)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from medgen.cli.main import app
 
 AFFINE = np.array([[6.0, 0, 0, -45], [0, 6.0, 0, -45], [0, 0, 6.0, -45], [0, 0, 0, 1]])
 
@@ -108,7 +108,7 @@ def test_errors_are_one_line(tiny, tmp_path):
 def test_train_as_subprocess(tiny, config, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, MEDGEN_QUIET="1")
-    cmd = [sys.executable, "-m", "cli", *[str(a) for a in train_args("vae", tiny, out, config)]]
+    cmd = [sys.executable, "-m", "medgen", *[str(a) for a in train_args("vae", tiny, out, config)]]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["checkpoint"] == str(out / "final.pt")
@@ -123,6 +123,6 @@ def test_train_without_data_uses_cached_phantom(tmp_path, monkeypatch):
     r = invoke("train", "vae", "--out", tmp_path / "run", "--config", cfg, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1  # one cohort (plus its lock file)
-    from medgen.training.checkpoint import load_checkpoint
+    from medgen.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "run")["class_names"] == ["CN", "MCI", "AD"]

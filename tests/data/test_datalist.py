@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medgen.data import Datalist, detect_kind, read_datalist, require_per_class, subjects_per_class
-from medgen.data.datalist import check_dataset
+from medgen.data.check import check_dataset
 from medgen.errors import MedgenError
 
 

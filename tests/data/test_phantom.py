@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from medgen.data import phantom as ph
-from medgen.data.anatomy import load_atlas, training_affine
+from medgen.data.anatomy import load_atlas
 from medgen.errors import MedgenError
+from medgen.geometry import mni_affine
 
 SMALL = 32  # 6 mm voxels: the same field of view as 64^3, 8x fewer voxels
 
@@ -63,7 +64,7 @@ def test_folder_format(cohort):
 
     rows = _table(cohort)
     assert [r["subject_id"] for r in rows] == [e["subject"] for e in datalist["training"]]
-    assert [r["label"] for r in rows] == [ph.CLASS_NAMES[x] for x in labels]
+    assert [r["label"] for r in rows] == [ph.DEFAULT_CLASS_NAMES[x] for x in labels]
     for key in ("age", "sex", "hippocampus_ml", "ventricles_ml", "gm_ml", "wm_ml", "csf_ml"):
         assert key in rows[0]
     assert all(float(r["min_jacobian"]) > 0 for r in rows)
@@ -74,7 +75,7 @@ def test_folder_format(cohort):
     img = nib.load(cohort / first["image"])
     seg = nib.load(cohort / first["tissue"])
     assert img.shape == (SMALL, SMALL, SMALL) and img.get_data_dtype() == np.float32
-    np.testing.assert_allclose(img.affine, training_affine(SMALL))
+    np.testing.assert_allclose(img.affine, mni_affine(SMALL))
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) == {0, 1, 2, 3}
 
 
@@ -123,9 +124,9 @@ def test_class_effect_direction_paired():
 
 def test_group_means(cohort):
     rows = _table(cohort)
-    by_class = {c: [r for r in rows if r["label"] == c] for c in ph.CLASS_NAMES}
-    hip = [np.mean([float(r["hippocampus_ml"]) for r in by_class[c]]) for c in ph.CLASS_NAMES]
-    ven = [np.mean([np.log(float(r["ventricles_ml"])) for r in by_class[c]]) for c in ph.CLASS_NAMES]
+    by_class = {c: [r for r in rows if r["label"] == c] for c in ph.DEFAULT_CLASS_NAMES}
+    hip = [np.mean([float(r["hippocampus_ml"]) for r in by_class[c]]) for c in ph.DEFAULT_CLASS_NAMES]
+    ven = [np.mean([np.log(float(r["ventricles_ml"])) for r in by_class[c]]) for c in ph.DEFAULT_CLASS_NAMES]
     assert hip[0] > hip[1] > hip[2]
     assert ven[0] < ven[1] < ven[2]
 
@@ -149,7 +150,7 @@ def test_separable_but_overlapping(cohort):
 
     rows = _table(cohort)
     x = np.array([[float(r[c]) for c in ph.VOLUME_COLUMNS] + [float(r["age"])] for r in rows])
-    y = np.array([ph.CLASS_NAMES.index(r["label"]) for r in rows])
+    y = np.array([ph.DEFAULT_CLASS_NAMES.index(r["label"]) for r in rows])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     acc = cross_val_score(model, x, y, cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
     assert 0.45 < acc < 0.9, acc
@@ -188,6 +189,28 @@ def test_ensure_cohort_reuses_cache(tmp_path):
     assert b != a and ph.read_parameters(b)["seed"] == 3
 
 
+def test_ensure_cohort_reuses_and_regenerates_a_cache_from_before_the_marker(tmp_path):
+    """Cohorts cached before output folders carried .medgen are medgen's own (they hold its phantom.json)."""
+    a = ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL)
+    (a / ".medgen").unlink()
+    stamp = (a / "datalist.json").stat().st_mtime_ns
+    assert ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL) == a  # reused as it is
+    assert (a / "datalist.json").stat().st_mtime_ns == stamp
+    meta = json.loads((a / "phantom.json").read_text())
+    (a / "phantom.json").write_text(json.dumps({**meta, "version": "0"}))  # an older generator's cohort
+    assert ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL) == a  # regenerated, not refused
+    assert ph.read_parameters(a)["seed"] == 2 and (a / ".medgen").is_file()
+
+
+def test_ensure_cohort_refuses_a_foreign_folder_in_the_cache(tmp_path):
+    folder = tmp_path / f"phantom-n3-seed2-es1-s{SMALL}"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("x")
+    with pytest.raises(MedgenError, match="not written by medgen"):
+        ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL)
+    assert (folder / "precious.txt").is_file()
+
+
 def test_ensure_cohort_concurrent_callers_generate_once(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -208,7 +231,7 @@ def test_ensure_cohort_concurrent_callers_generate_once(tmp_path, monkeypatch):
 def test_cli(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from medgen.cli.main import app
 
     runner = CliRunner()
     out = tmp_path / "cohort"
@@ -253,7 +276,7 @@ def test_default_cohort_group_means_and_separability(tmp_path):
 def test_cli_config_section_and_override(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from medgen.cli.main import app
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"phantom:\n  n: 4\n  seed: 3\n  size: {SMALL}\n")
@@ -268,7 +291,7 @@ def test_cli_subprocess(tmp_path):
     import sys
 
     out = tmp_path / "cohort"
-    cmd = [sys.executable, "-m", "cli", "phantom", "--out", str(out), "--n", "3", "--size", str(SMALL)]
+    cmd = [sys.executable, "-m", "medgen", "phantom", "--out", str(out), "--n", "3", "--size", str(SMALL)]
     ok = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MEDGEN_QUIET": "1"})
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["subjects"] == 3

@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.config import TrainConfig
-from medgen.data.dataset import ImageSet
 from medgen.evaluation.metrics import (
-    evaluate_synthesis,
-    feature_extractor,
     frechet_distance,
     mmd,
     ms_ssim_settings,
     nearest_neighbour_rmse,
     pairwise_ms_ssim,
 )
-from medgen.training.loop import fit
 
 
 def blobs(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -56,38 +51,7 @@ def test_nearest_neighbour_flags_copies():
     assert nearest_neighbour_rmse(train, train, exclude_self=True).min() > 0
 
 
-def real_set(n: int = 12) -> ImageSet:
-    labels = torch.arange(n) % 3
-    images = (blobs(n) + 0.3 * labels.view(-1, 1, 1, 1, 1)).clamp(-1, 1)
-    return ImageSet(images=images, labels=labels, subjects=[f"s{i}" for i in range(n)],
-                    class_names=["CN", "MCI", "AD"], affine=np.diag([3.0, 3.0, 3.0, 1.0]))
-
-
-def test_feature_extractor_trains_the_classifier():
-    extract = feature_extractor(real_set(), iterations=2, batch_size=4, base_width=2)
-    f = extract(real_set().images)
-    assert f.ndim == 2 and f.shape[0] == 12 and torch.isfinite(f).all()
-
-
-def test_evaluate_synthesis_per_class(tmp_path):
-    real = real_set()
-    fit("vae", real, tmp_path / "run", model_kwargs={"base_width": 4, "latent_dim": 8},
-        train=TrainConfig(iterations=2, batch_size=4, precision="fp32", sample_every=0), device="cpu")
-    result = evaluate_synthesis(tmp_path / "run", real, n_per_class=3, n_pairs=3,
-                                extractor=lambda x: x.reshape(x.shape[0], -1)[:, :8])
-    assert set(result["classes"]) == {"CN", "MCI", "AD"} and result["model"] == "vae"
-    m = result["classes"]["AD"]
-    for key in ("ms_ssim_synthetic", "ms_ssim_real", "mmd", "frechet", "nn_rmse_synthetic_to_train",
-                "nn_rmse_real_to_train", "nn_ratio"):
-        assert np.isfinite(m[key]), key
-    assert m["n_real"] == 4 and m["n_synthetic"] == 3
-
-
 def test_frechet_distance_keeps_stdout_clean(capsys):
-    import torch
-
-    from medgen.evaluation.metrics import frechet_distance
-
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)  # fewer samples than features
     assert frechet_distance(a, b) >= 0

@@ -56,3 +56,41 @@ def test_mean_sd():
     m, s = mean_sd([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
     assert math.isnan(mean_sd([1.0])[1])
+
+
+def test_corrected_ttest_interval_inverts_the_test():
+    a = [0.70, 0.72, 0.68, 0.75, 0.71, 0.69]
+    b = [0.65, 0.66, 0.67, 0.70, 0.64, 0.66]
+    r = corrected_resampled_ttest(a, b, n_train=250, n_test=50)
+    assert r.ci_low < r.mean_diff < r.ci_high
+    assert r.p < 0.05 and r.ci_low > 0  # significant at 5 % <=> the 95 % interval excludes 0
+    r99 = corrected_resampled_ttest(a, b, n_train=250, n_test=50, level=0.99)
+    assert r99.ci_low < r.ci_low and r99.ci_high > r.ci_high
+    # the half width at level 1 - p touches zero
+    edge = corrected_resampled_ttest(a, b, n_train=250, n_test=50, level=1 - r.p)
+    assert edge.ci_low == pytest.approx(0.0, abs=1e-9)
+
+
+def test_holm_adjustment():
+    from medgen.evaluation.stats import holm
+
+    # sorted p: 0.01 (x3), 0.02 (x2), 0.04 (x1) -> 0.03, 0.04, 0.04 (monotone)
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    out = holm([0.01, math.nan, 0.2])
+    assert math.isnan(out[1]) and out[0] == pytest.approx(0.02) and out[2] == pytest.approx(0.2)
+
+
+def test_equivalent_subjects_interpolates_and_extrapolates():
+    from medgen.evaluation.stats import equivalent_subjects
+
+    n = [125, 188, 250]
+    s = [0.50, 0.55, 0.60]
+    assert equivalent_subjects(n, s, 0.55) == (pytest.approx(188), False)
+    v, ext = equivalent_subjects(n, s, 0.575)
+    assert v == pytest.approx(219) and not ext
+    v, ext = equivalent_subjects(n, s, 0.62)  # beyond: end slope 0.05 / 62 subjects
+    assert ext and v == pytest.approx(250 + 0.02 / (0.05 / 62))
+    # a noisy dip is flattened by the running maximum
+    v, ext = equivalent_subjects(n, [0.50, 0.49, 0.60], 0.55)
+    assert not ext and 188 < v < 250

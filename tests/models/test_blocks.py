@@ -8,7 +8,8 @@ import torch
 from medgen.errors import MedgenError
 from medgen.models.alpha_gan import AlphaGAN
 from medgen.models.blocks import ClassConditionedLinear, DownBlock, ProjectionHead, UpBlock, num_stages
-from medgen.models.gan import GAN, Discriminator
+from medgen.models.gan import GAN
+from medgen.models.networks import Discriminator
 from medgen.models.vae import VAE
 
 

@@ -6,14 +6,7 @@ from medgen.models.classifier import Classifier, ClassifierOutput
 from medgen.runtime import resolve_precision
 from medgen.training.steps import Batch, StepContext, create_step
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, tiny convolutions are far faster without spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
@@ -55,3 +48,39 @@ def test_step_reduces_loss_on_a_separable_toy_problem():
     for _ in range(8):
         last = step(model, Batch(x, y), opt, ctx)["loss"].item()
     assert last < first
+
+
+def test_input_standardisation_uses_training_statistics_and_survives_state_dict():
+    torch.manual_seed(0)
+    # instance norm needs more than one voxel on the last 2^3-strided grid: 32^3 input
+    kw = Classifier.tiny_kwargs(3) | {"backbone": "plain", "norm": "instance", "standardize": True, "image_size": 32}
+    model = create_model("classifier", **kw)
+    train = torch.randn(6, 1, 32, 32, 32) * 2 + 3
+    model.set_input_statistics(train)
+    assert torch.allclose(model.input_mean, train.mean(0, keepdim=True))
+    clone = create_model("classifier", **kw)
+    clone.load_state_dict(model.state_dict())
+    model.eval()
+    clone.eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    assert torch.equal(model(x).logits, clone(x).logits)
+    with pytest.raises(Exception, match="shape"):
+        model.set_input_statistics(torch.randn(2, 1, 8, 8, 8))
+
+
+def test_norm_only_for_plain_backbone():
+    from medgen.errors import MedgenError
+
+    with pytest.raises(MedgenError, match="plain"):
+        Classifier(backbone="resnet18", norm="instance")
+    with pytest.raises(MedgenError, match="norm"):
+        Classifier(backbone="plain", norm="layer")
+
+
+def test_cosine_schedule_warms_up_and_decays_to_zero():
+    step = create_step("classifier", schedule="cosine", warmup=0.1)
+    f = [step.lr_factor(i, 100) for i in range(100)]
+    assert f[0] < f[5] < f[9] <= 1.0
+    assert f[10] == pytest.approx(1.0) and f[99] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert create_step("classifier").lr_factor(50, 100) == 1.0

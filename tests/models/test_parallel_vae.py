@@ -14,7 +14,7 @@ from medgen.training.steps.parallel_vae import kl_multiplier, kl_per_decoder, kl
 def test_forward_backward_shapes(dims):
     torch.manual_seed(0)
     model = create_model("parallel-vae", spatial_dims=dims, in_channels=2, image_size=16, num_decoders=3,
-                         latent_dim=5, base_width=4)
+                         latent_per_decoder=5, base_width=4)
     x = torch.rand(2, 2, *(16,) * dims) * 2 - 1
     out = model(x, noise=torch.randn(2, 3, 5))
     sp = (16,) * dims
@@ -85,7 +85,7 @@ def test_short_training_run_loss_decreases():
     torch.manual_seed(0)
     x = _tiny_scenes(n=6)
     model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=32, num_decoders=3,
-                         latent_dim=8, base_width=4)
+                         latent_per_decoder=8, base_width=4)
     step = create_step("parallel-vae", kl_start=0.0, kl_end=0.01)
     opt = step.optimizers(model, 2e-3)
     ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),

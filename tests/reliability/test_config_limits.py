@@ -7,8 +7,9 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from medgen.config import Config, load_config, override
+from medgen.cli import common as cli
+from medgen.cli.main import app
+from medgen.config import Config, config_from_dict, load_config, override
 from medgen.errors import MedgenError
 
 BOMB = """
@@ -55,7 +56,29 @@ def test_deep_yaml_is_one_line(tmp_path):
 ])
 def test_model_and_step_names_are_checked(tmp_path, text, match):
     with pytest.raises(MedgenError, match=match):
-        load_config(_write(tmp_path, text))
+        cli.load_config(_write(tmp_path, text))  # every command loads its config this way
+
+
+def test_a_misspelt_model_section_stops_train_before_the_run_folder(tmp_path):
+    cfg = _write(tmp_path, "models: {vea: {}}\n")
+    res = CliRunner().invoke(app, ["train", "vae", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "did you mean 'vae'" in res.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cv, where", [
+    ({"extra_test": -1}, "cv.extra_test"),
+    ({"learning_curve": [0.5, 1.0]}, r"cv.learning_curve\[1\]"),
+    ({"generator_iterations": 0}, "cv.generator_iterations"),
+    ({"generator_iterations": {"vae": 10, "gan": 0}}, "cv.generator_iterations.gan"),
+])
+def test_new_cv_controls_have_ranges(cv, where):
+    with pytest.raises(MedgenError, match=rf"{where} must"):
+        config_from_dict({"cv": cv})
+
+
+def test_generator_iterations_per_model_is_accepted():
+    assert config_from_dict({"cv": {"generator_iterations": {"vae": 10}}}).cv.generator_iterations == {"vae": 10}
 
 
 @pytest.mark.parametrize("text, where", [

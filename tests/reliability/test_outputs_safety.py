@@ -13,9 +13,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli.common import handle_errors
-from cli.main import app
 from medgen import outputs
+from medgen.cli.common import handle_errors
+from medgen.cli.main import app
 from medgen.errors import MedgenError
 from medgen.outputs import (
     MARKER,

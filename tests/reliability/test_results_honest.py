@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.config import TrainConfig
-from medgen.data.dataset import ImageSet
-from medgen.data.transforms import volume_problem
-from medgen.errors import MedgenError
-from medgen.training import preflight
-from medgen.training.checkpoint import (
+from medgen.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     nonfinite_weights,
     save_checkpoint,
 )
+from medgen.config import TrainConfig
+from medgen.data.dataset import ImageSet
+from medgen.data.inspection import inspect_volume, volume_problem
+from medgen.errors import MedgenError
+from medgen.models import memory
+from medgen.pipelines import synthesize as S
+from medgen.pipelines.synthesize import write_synthetic
+from medgen.training import preflight
 from medgen.training.loop import fit
 
 KW = {"base_width": 4, "latent_dim": 8}
@@ -79,8 +82,6 @@ def _poisoned(tmp_path, run):
 
 
 def test_synth_and_segment_refuse_nonfinite_checkpoints(tmp_path, run):
-    from medgen.synthesis import write_synthetic
-
     bad = _poisoned(tmp_path, run)
     with pytest.raises(MedgenError, match="non-finite weight"):
         model_from_checkpoint(bad)
@@ -90,8 +91,6 @@ def test_synth_and_segment_refuse_nonfinite_checkpoints(tmp_path, run):
 
 
 def test_synth_refuses_constant_volumes(tmp_path, run, monkeypatch):
-    import medgen.synthesis as S
-
     monkeypatch.setattr(S, "decode", lambda model, z, labels, **k: torch.full((len(z), 1, 16, 16, 16), -1.0))
     with pytest.raises(MedgenError, match="constant"):
         S.write_synthetic(run, tmp_path / "syn", n=3)
@@ -132,8 +131,7 @@ def test_one_volume_validation_with_minimum_size_and_affine():
 
 
 def test_data_check_and_loading_agree_on_a_zero_affine(tmp_path):
-    from medgen.data.datalist import check_dataset
-    from medgen.data.transforms import inspect_volume
+    from medgen.data.check import check_dataset
 
     nib.save(zero_affine_image(), str(tmp_path / "z.nii.gz"))
     assert "affine" in inspect_volume(str(tmp_path / "z.nii.gz")).problem
@@ -168,7 +166,7 @@ def test_model_settings_are_checked_before_the_run_folder(tmp_path):
 
 
 def test_checkpoint_kwargs_edited_to_a_huge_model_are_refused(run, monkeypatch):
-    monkeypatch.setattr(preflight, "_ram_bytes", lambda: 1 << 10)
+    monkeypatch.setattr(memory, "_ram_bytes", lambda: 1 << 10)
     with pytest.raises(MedgenError, match="GiB"):
         model_from_checkpoint(run)
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from test_loop import NAME, cfg, run, tiny_data  # the dummy model registered by the loop tests
 
-from medgen.errors import MedgenError
-from medgen.training.checkpoint import (
+from medgen.checkpoint import (
     checkpoint_sha256,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from medgen.errors import MedgenError
 
 MARKER_ENV = "MEDGEN_TEST_MARKER"
 
@@ -109,3 +109,20 @@ def test_save_is_atomic_and_rejects_objects(tmp_path):
     assert [q.name for q in tmp_path.iterdir()] == ["x.pt"]
     ck = load_checkpoint(p)
     assert ck["kwargs"]["a"] == 1.5 and ck["affine"].dtype == torch.float64
+
+
+def test_checkpoints_written_before_a_kwarg_rename_still_load(tmp_path):
+    """parallel-vae's per-decoder size was the kwarg `latent_dim` before it became `latent_per_decoder`."""
+    from medgen.checkpoint import build_checkpoint
+    from medgen.models.registry import create_model
+
+    new = dict(spatial_dims=2, in_channels=3, image_size=16, num_decoders=3, latent_per_decoder=4, base_width=4)
+    model = create_model("parallel-vae", **new)
+    old = {("latent_dim" if k == "latent_per_decoder" else k): v for k, v in new.items()}
+    path = save_checkpoint(tmp_path / "old.pt", build_checkpoint(model_name="parallel-vae", kwargs=old,
+                                                                  state={"model": model.state_dict()}, step=1))
+    loaded, meta = model_from_checkpoint(path)
+    assert meta["kwargs"]["latent_per_decoder"] == 4 and "latent_dim" not in meta["kwargs"]
+    assert loaded.latent_per_decoder == 4 and loaded.latent_dim == 12
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from medgen.checkpoint import load_checkpoint, model_from_checkpoint
 from medgen.config import TrainConfig
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
 from medgen.models.registry import _MODELS, register_model
-from medgen.training.checkpoint import load_checkpoint, model_from_checkpoint
 from medgen.training.loop import fit
-from medgen.training.steps import _STEPS, Batch, Step, StepContext, register_step
+from medgen.training.steps import Batch, Step, StepContext, register_step
+from medgen.training.steps.base import _STEPS
 
 NAME = "test-dummy-gen"
 

@@ -19,13 +19,14 @@ from torch import nn
 
 from medgen import losses
 from medgen.errors import MedgenError
-from medgen.training.steps import Batch, Step, StepContext, register_step
-from medgen.training.steps.gan import frozen, uniform
+from medgen.models.alpha_gan import AlphaGAN
+from medgen.training.steps.base import Batch, Step, StepContext, register_step
+from medgen.training.steps.common import frozen, uniform
 
 VARIANTS = ("wgan-gp", "bce")
 
 
-@register_step("alpha-gan")
+@register_step(AlphaGAN)
 @dataclass
 class AlphaGANStep(Step):
     """alpha-GAN iteration: one update each of E+G, D and C.

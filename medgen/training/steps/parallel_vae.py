@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from medgen.training.steps import Batch, Step, StepContext, register_step
+from medgen.models.parallel_vae import ParallelVAE
+from medgen.training.steps.base import Batch, Step, StepContext, register_step
 
 
 def kl_per_decoder(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,7 @@ def kl_term(kl: torch.Tensor, *, elements: int, multiplier: float, individual_mu
     return multiplier * (individual_multiplier * kl / elements).clamp_min(0).pow(individual_exponent).sum()
 
 
-@register_step("parallel-vae")
+@register_step(ParallelVAE)
 @dataclass
 class ParallelVAEStep(Step):
     """Hyper-parameters (config `steps.parallel-vae`).

@@ -9,10 +9,11 @@ from torch import nn
 
 from medgen import losses
 from medgen.errors import MedgenError
-from medgen.training.steps import Batch, Step, StepContext, register_step
+from medgen.models.vae import VAE
+from medgen.training.steps.base import Batch, Step, StepContext, register_step
 
 
-@register_step("vae")
+@register_step(VAE)
 @dataclass
 class VAEStep(Step):
     """recon(x, G(z)) + beta * KL(q(z | x, y) || N(0, I)).

@@ -16,33 +16,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 
+from medgen.checkpoint import model_from_checkpoint
 from medgen.console import log
+from medgen.data import load_dataset
 from medgen.data.dataset import ImageSet
+from medgen.data.scenes import SHAPES, is_scene_folder, load_scene_dataset
 from medgen.errors import MedgenError
-
-TRAVERSAL_STEPS = 7
-TRAVERSAL_RANGE = 3.0
-
-
-def _palette(n: int) -> np.ndarray:
-    """n distinct RGB colours in [0, 255] (matplotlib tab10/tab20)."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return (np.array([cmap(i % cmap.N)[:3] for i in range(n)]) * 255).astype(np.uint8)
+from medgen.evaluation.segmentation import argmax_segmentation, latent_probe, scene_metrics, tissue_dice
+from medgen.outputs import check_output_dir, staged_dir
+from medgen.runtime import resolve_device
+from medgen.viz import palette, save_png, to_uint8, write_panel, write_traversal
 
 
 def load_segment_data(spec: str | Path, image_size: int) -> ImageSet:
     """Read a scenes folder or any dataset medgen.data.load_dataset understands (volumes at `image_size`)."""
-    from medgen.data.scenes import is_scene_folder, load_scene_dataset
-
     if is_scene_folder(spec):
         return load_scene_dataset(spec)
-    from medgen.data import load_dataset
-
     return load_dataset(spec, size=image_size)
 
 
@@ -50,8 +43,6 @@ def load_segment_data(spec: str | Path, image_size: int) -> ImageSet:
 def run_model(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 16,
               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Mean-latent pass over all images: argmax segmentation [N, *S], mu [N, K, L], soft areas [N, K]."""
-    from medgen.evaluation.segmentation import argmax_segmentation
-
     model.eval().to(device)
     preds, mus, soft = [], [], []
     for i in range(0, len(images), batch_size):
@@ -60,95 +51,6 @@ def run_model(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int =
         mus.append(out.mu.float().cpu())
         soft.append(out.weights.float().flatten(2).mean(dim=2).cpu())  # [B, K, 1*prod(S)] -> [B, K]
     return {"pred": torch.cat(preds), "mu": torch.cat(mus), "soft_area": torch.cat(soft)}
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Image [C, H, W] in [-1, 1] -> [H, W, 3] uint8 (grey images repeated)."""
-    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-    a = np.moveaxis(a, 0, -1)
-    return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
-
-
-def _mid_slice(x: torch.Tensor) -> torch.Tensor:
-    """Middle axial slice of [..., X, Y, Z] -> [..., Y, X] rotated for display (superior up); 2D passes through."""
-    return x[..., x.shape[-1] // 2].transpose(-1, -2).flip(-2)
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-def write_panel(path: Path, model: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor | None) -> None:
-    """One PNG: input, reconstruction, argmax segmentation, truth, then per-decoder images and weights.
-
-    Args:
-        path: PNG to write.
-        model: the parallel-decoder VAE (eval mode).
-        x: one image [C, *S].
-        truth: true id map [*S] or None.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with torch.no_grad():
-        out = model(x.unsqueeze(0))
-    k = out.images.shape[1]
-    view = (lambda t: _mid_slice(t)) if x.ndim == 4 else (lambda t: t)
-    seg = out.weights[0, :, 0].argmax(dim=0)
-    pal = _palette(max(k, 10))
-    cols = 4 + k
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.4))
-    for ax in axes.ravel():
-        ax.axis("off")
-    tiles = [("input", _to_uint8(view(x))), ("reconstruction", _to_uint8(view(out.recon[0]))),
-             ("segmentation", pal[view(seg).numpy()])]
-    if truth is not None:
-        t = view(truth).numpy()
-        tiles.append(("truth", _palette(int(t.max()) + 1)[t]))
-    for j, (title, img) in enumerate(tiles):
-        axes[0, j].imshow(img)
-        axes[0, j].set_title(title, fontsize=7)
-    for i in range(k):
-        axes[0, 4 + i].imshow(_to_uint8(view(out.images[0, i])))
-        axes[0, 4 + i].set_title(f"decoder {i}", fontsize=7, color=pal[i] / 255)
-        axes[1, 4 + i].imshow(view(out.weights[0, i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[1, 4 + i].set_title(f"weight {i}", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index: int = 0) -> list[int]:
-    """Latent traversal strip: row k varies decoder k's highest-variance latent dim of item `index`.
-
-    Args:
-        path: PNG to write.
-        model: the parallel-decoder VAE.
-        mu: [N, K, L] posterior means of the data (picks the dimension with most spread per decoder).
-        index: item whose latents are varied.
-    Returns:
-        The latent dimension varied for each decoder.
-    """
-    k = mu.shape[1]
-    dims = mu.var(dim=0).argmax(dim=1).tolist() if mu.shape[0] > 1 else [0] * k  # [K]
-    values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, TRAVERSAL_STEPS)
-    rows = []
-    with torch.no_grad():
-        for d in range(k):
-            z = mu[index].unsqueeze(0).repeat(TRAVERSAL_STEPS, 1, 1)  # [T, K, L]
-            z[:, d, dims[d]] = values
-            imgs = model.sample(z.flatten(1))  # [T, C, *S]
-            if imgs.ndim == 5:
-                imgs = _mid_slice(imgs)
-            rows.append(np.concatenate([_to_uint8(im) for im in imgs], axis=1))
-    _save_png(path, np.concatenate(rows, axis=0))
-    return dims
 
 
 def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path, *, n: int | None = None, panels: int = 16,
@@ -168,11 +70,6 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
     Returns:
         The metrics dict (also written to metrics.json).
     """
-    from medgen.evaluation.segmentation import latent_probe, scene_metrics, tissue_dice
-    from medgen.outputs import check_output_dir, staged_dir
-    from medgen.runtime import resolve_device
-    from medgen.training.checkpoint import model_from_checkpoint
-
     inputs = [checkpoint, None if isinstance(data, ImageSet) else data]
     check_output_dir(out, overwrite=overwrite, inputs=inputs)
     model, meta = model_from_checkpoint(checkpoint, expected_model="parallel-vae")
@@ -205,8 +102,6 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
         per_image = sm.pop("per_image")
         metrics["scenes"] = sm
         if "shapes_present" in ds.extras:
-            from medgen.data.scenes import SHAPES
-
             metrics["probe"] = latent_probe(mu.numpy(), ds.extras["shapes_present"].numpy(), ds.subjects,
                                             names=SHAPES, seed=seed)
     if "tissue" in ds.extras:
@@ -218,18 +113,16 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
     with staged_dir(out, overwrite=overwrite, inputs=inputs, command="segment") as tmp:
         seg_dir = tmp / "segmentations"
         seg_dir.mkdir()
-        pal = _palette(max(k, 10))
+        pal = palette(max(k, 10))
         affine = meta.get("affine")
         affine = ds.affine if affine is None else np.asarray(affine, dtype=np.float64)
         for i, name in enumerate(names):
             if model.spatial_dims == 2:
-                img = _to_uint8(ds.images[i]).astype(np.float32)
+                img = to_uint8(ds.images[i]).astype(np.float32)
                 overlay = (0.5 * img + 0.5 * pal[pred[i].numpy()]).astype(np.uint8)
-                _save_png(seg_dir / f"{name}.png", overlay)
-                _save_png(seg_dir / f"{name}_labels.png", pred[i].numpy().astype(np.uint8))
+                save_png(seg_dir / f"{name}.png", overlay)
+                save_png(seg_dir / f"{name}_labels.png", pred[i].numpy().astype(np.uint8))
             else:
-                import nibabel as nib
-
                 nib.save(nib.Nifti1Image(pred[i].numpy().astype(np.uint8), affine if affine is not None else np.eye(4)),
                          str(seg_dir / f"{name}_seg.nii.gz"))
         for i in range(min(panels, len(ds))):

@@ -7,8 +7,9 @@ import torch
 from medgen.config import Config
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
-from medgen.evaluation import cv as cvmod
-from medgen.evaluation.cv import (
+from medgen.evaluation.splits import Fold, Splits
+from medgen.pipelines import cv as cvmod
+from medgen.pipelines.cv import (
     LeakageError,
     allocate,
     assert_no_leakage,
@@ -17,16 +18,8 @@ from medgen.evaluation.cv import (
     plan_arms,
     run_cv,
 )
-from medgen.evaluation.splits import Fold, Splits
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, tiny convolutions are far faster without spinning."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
@@ -109,7 +102,9 @@ def test_every_arm_runs_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = tiny_config()
     full = run_cv(cfg, tmp_path / "full", data=data)
     keys = [a["arm"] for a in full["arms"]]
-    assert keys == ["real", "real_aug", "gan_f50", "gan_f50_aug", "tstr_gan"]
+    # in-memory data are not a phantom: no oracle arm
+    assert keys == ["real", "linear", "real_aug", "curve_50", "curve_75", "gan_f50", "gan_f50_aug", "tstr_gan",
+                    "permuted_f50"]
     for f in (0, 1):
         prov = json.loads((tmp_path / "full" / f"fold_{f}" / "provenance.json").read_text())
         assert set(prov["arms"]) == set(keys) and "gan" in prov["generators"]
@@ -119,7 +114,14 @@ def test_every_arm_runs_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert tstr["n_real"] == 0 and tstr["n_synthetic"] == arm["n_real"]
     for name in ("results.json", "results.csv", "results.md", "accuracy.png", "confusion.png", "splits.json"):
         assert (tmp_path / "full" / name).is_file()
-    assert "Δ test vs real" in (tmp_path / "full" / "results.md").read_text()
+    md = (tmp_path / "full" / "results.md").read_text()
+    assert "Δ test bal. acc vs real" in md and md.index("## Verdict") < md.index("## Arms")
+    assert "no oracle arm" in md  # the note says why the positive control is missing
+    assert set(full["generators"]) == {"gan"} and full["learning_curve"][-1]["arm"] == "real"
+    perm = json.loads((tmp_path / "full" / "fold_0" / "arms" / "permuted_f50.json").read_text())
+    assert perm["generator"] == "gan" and perm["n_synthetic"] == perm["n_real"]
+    agreement = json.loads((tmp_path / "full" / "fold_0" / "generators.json").read_text())["gan"]["class_agreement"]
+    assert len(agreement) == 3 and all(0 <= a <= 1 for a in agreement)
 
     # Interrupt in fold 0 after two arms, then resume.
     real_run_arm = cvmod.run_arm
@@ -163,3 +165,52 @@ def test_too_few_subjects_is_a_clear_error(tmp_path):
     cfg.cv.folds = 3
     with pytest.raises(MedgenError, match="class 'CN' has 3 subjects"):
         run_cv(cfg, tmp_path / "run", data=data)
+
+
+def test_learning_curve_share_too_small_is_refused_before_training(tmp_path):
+    cfg = tiny_config()
+    cfg.cv.learning_curve = [0.2]  # 3 training subjects per class * 0.2 -> 1
+    with pytest.raises(MedgenError, match="cv.learning_curve: share 0.2 leaves class"):
+        run_cv(cfg, tmp_path / "run", data=tiny_data())
+    assert not (tmp_path / "run").exists()
+
+
+def test_oracle_asked_on_other_data_is_one_clear_error(tmp_path):
+    cfg = tiny_config()
+    cfg.cv.oracle = True
+    with pytest.raises(MedgenError, match="cv.oracle: .*phantom"):
+        run_cv(cfg, tmp_path / "run", data=tiny_data())
+    assert not (tmp_path / "run").exists()
+
+
+def test_subject_subset_is_stratified_and_nested():
+    data = tiny_data(n=60)
+    half = cvmod.subject_subset(data, 0.5, seed=3)
+    most = cvmod.subject_subset(data, 0.75, seed=3)
+    assert torch.bincount(half.labels).tolist() == [10, 10, 10]
+    assert set(half.subjects) < set(most.subjects)
+    assert cvmod.subject_subset(data, 0.5, seed=4).subjects != half.subjects
+
+
+def test_oracle_and_extra_test_subjects_never_collide_or_leak(tmp_path):
+    """Fresh phantom subjects: the oracle pool trains, the extra test subjects only test; both keep their ids."""
+    data = tiny_data()
+    oracle = tiny_data(n=12, seed=5)
+    oracle.subjects = [f"oracle:{s}" for s in oracle.subjects]
+    extra_test = tiny_data(n=6, seed=6)
+    extra_test.subjects = [f"test:{s}" for s in extra_test.subjects]
+    cfg = tiny_config()
+    cfg.cv.models = []
+    cfg.cv.learning_curve = []
+    cfg.cv.augmentation = [False]
+    splits = cvmod.make_splits(data.subjects, data.labels.numpy(), data.class_names, folds=2, test_size=6, seed=0)
+    out = tmp_path / "run"
+    (out / "fold_0").mkdir(parents=True)
+    res = cvmod.run_fold(cfg, out, data, splits, 0, torch.device("cpu"), False,
+                         cvmod.ExtraSubjects(oracle=oracle, test=extra_test))
+    prov = json.loads((out / "fold_0" / "provenance.json").read_text())
+    assert set(res["arms"]) == {"real", "linear", "oracle_f50"}
+    assert {s for s in prov["arms"]["oracle_f50"] if s.startswith("oracle:")}  # the oracle's own ids
+    assert set(prov["arms"]["real"]) == set(splits.folds[0].train)
+    assert {s for s in prov["test"] if s.startswith("test:")} == set(extra_test.subjects)
+    assert res["n_test"] == 12 and res["arms"]["oracle_f50"]["n_real"] == 2 * res["arms"]["real"]["n_real"]

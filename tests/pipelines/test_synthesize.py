@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from medgen.checkpoint import model_from_checkpoint
 from medgen.config import TrainConfig
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
-from medgen.synthesis import SyntheticDataset, sample_images, split_labels, write_synthetic
-from medgen.training.checkpoint import model_from_checkpoint
+from medgen.models.sampling import sample_images
+from medgen.pipelines.synthesize import SyntheticDataset, split_labels, write_synthetic
 from medgen.training.loop import fit
 
 AFFINE = np.array([[-3.0, 0, 0, 90], [0, 3.0, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])

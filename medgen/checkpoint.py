@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+import medgen
 from medgen.errors import MedgenError
+from medgen.models.memory import check_model_fits
+from medgen.models.registry import create_model
 from medgen.outputs import atomic_write
 
 FORMAT = "medgen-checkpoint"
@@ -88,8 +91,6 @@ def build_checkpoint(
         config: the resolved run config as a plain dict.
         extra: anything else plain (e.g. elapsed seconds, best metric).
     """
-    import medgen
-
     aff = None
     if affine is not None:
         aff = torch.as_tensor(np.asarray(affine, dtype=np.float64)).clone()
@@ -184,8 +185,19 @@ def load_checkpoint(path: str | os.PathLike, expected_model: str | None = None) 
             raise MedgenError(f"checkpoint {p} lacks the key {key!r}")
     if expected_model is not None and ckpt["model"] != expected_model:
         raise MedgenError(f"checkpoint {p} holds model {ckpt['model']!r}, not {expected_model!r}")
+    ckpt["kwargs"] = upgrade_kwargs(ckpt["model"], ckpt["kwargs"])
     ckpt["path"] = str(p)
     return ckpt
+
+
+# Constructor arguments renamed since checkpoints were first written: model -> {old name: new name}.
+KWARG_RENAMES: dict[str, dict[str, str]] = {"parallel-vae": {"latent_dim": "latent_per_decoder"}}
+
+
+def upgrade_kwargs(model_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model kwargs under today's argument names (older checkpoints keep loading)."""
+    renames = KWARG_RENAMES.get(model_name, {})
+    return {renames.get(k, k) if renames.get(k, k) not in kwargs else k: v for k, v in kwargs.items()}
 
 
 def _first_line(text: str) -> str:
@@ -240,12 +252,8 @@ def model_from_checkpoint(
         (model, meta) with meta keys model, kwargs, step_kwargs, class_names, affine, normalisation,
         step, config, path, sha256.
     """
-    from medgen.models.registry import create_model
-
     ckpt = load_checkpoint(path_or_run_dir, expected_model=expected_model)
     meta = checkpoint_meta(ckpt)
-    from medgen.training.preflight import check_model_fits
-
     check_model_fits(meta["model"], meta["kwargs"], f"checkpoint {meta['path']}")  # kwargs edited to a huge model
     model = create_model(meta["model"], **meta["kwargs"])
     state = ckpt["state"]

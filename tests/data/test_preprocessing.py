@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from medgen.data import load_dataset, require_per_class
-from medgen.data.transforms import (
+from medgen.data.augmentation import (
+    AugmentDraw,
     ClassicalAugmentation,
-    Preprocessor,
     augment_batch,
     augment_training_batch,
     classical_augmentation,
-    inspect_volume,
-    training_affine,
 )
+from medgen.data.inspection import inspect_volume
+from medgen.data.preprocessing import Preprocessor
 from medgen.errors import MedgenError
+from medgen.geometry import training_affine
 
 
 def blob(shape, seed=0, centre=(0.0, 0.0, 0.0)):
@@ -218,8 +219,6 @@ def test_augment_batch_shape_range_and_determinism():
 
 def test_integer_shift_is_exact_and_rotation_is_axial():
     aug = ClassicalAugmentation()
-    from medgen.data.transforms import AugmentDraw
-
     x = torch.rand(1, 16, 16, 16)
     shifted = aug.apply(x, AugmentDraw(shift=(2, 0, -1), angle=0.0))
     # interior voxels equal the input moved by whole voxels (MONAI's translate samples output[i] = input[i + t])
@@ -252,3 +251,21 @@ def test_augment_batch_on_cuda_matches_cpu():
     gpu = augment_batch(x.cuda(), torch.Generator().manual_seed(1))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def test_augmentation_shifts_are_millimetres_on_every_grid():
+    from medgen.data.augmentation import ClassicalAugmentation, TrainingAugmentation
+
+    assert (ClassicalAugmentation(spacing_mm=3.0).min_shift, ClassicalAugmentation(spacing_mm=3.0).max_shift) == (1, 4)
+    assert (ClassicalAugmentation(spacing_mm=6.0).min_shift, ClassicalAugmentation(spacing_mm=6.0).max_shift) == (1, 2)
+    assert (ClassicalAugmentation(spacing_mm=1.0).min_shift, ClassicalAugmentation(spacing_mm=1.0).max_shift) == (3, 12)
+    aug = ClassicalAugmentation(spacing_mm=6.0)
+    g = torch.Generator().manual_seed(0)
+    mm = {6.0 * abs(s) for _ in range(300) for s in aug.draw(g).shift if s}
+    assert mm == {6.0, 12.0}  # never beyond the study's 12 mm
+    from medgen.training.steps import Batch
+
+    hook = TrainingAugmentation(spacing_mm=6.0)
+    batch = Batch(images=torch.rand(2, 1, 16, 16, 16), labels=torch.tensor([0, 1]))
+    out = hook(batch, torch.Generator().manual_seed(1))
+    assert out.images.shape == batch.images.shape and torch.equal(out.labels, batch.labels)

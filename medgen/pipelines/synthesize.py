@@ -1,4 +1,4 @@
-"""Sampling from trained generators: tensors, a BIDS-derivative folder of NIfTI volumes, an on-the-fly Dataset.
+"""The synthesize pipeline: a checkpoint -> a BIDS-derivative folder of NIfTI volumes, or an on-the-fly Dataset.
 
 The folder (DESIGN.md section 4) is read by a plain MONAI pipeline with no medgen code:
 
@@ -16,84 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
-from torch import nn
 
+import medgen
+from medgen.checkpoint import model_from_checkpoint
 from medgen.errors import MedgenError
-
-
-def draw_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
-    """Standard normal latents [n, latent_dim] from a CPU generator seeded with `seed`."""
-    return torch.randn(n, int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
-
-
-def decode(
-    model: nn.Module,
-    z: torch.Tensor,
-    labels: Sequence[int] | torch.Tensor,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    precision: Any = None,
-) -> torch.Tensor:
-    """Decode latents z [N, latent_dim] with labels [N] by `model.sample`, in eval mode, batch by batch.
-
-    Returns:
-        [N, C, *spatial] float32 on the CPU, clamped to [-1, 1].
-    """
-    if not (hasattr(model, "sample") and hasattr(model, "latent_dim")):
-        raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    if labels.numel() == 0:
-        raise MedgenError("no labels to sample")
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
-    was_training = model.training
-    model.eval()
-    model.to(dev)
-    chunks = []
-    ctx = precision.autocast if precision is not None else _null
-    with torch.no_grad():
-        for i in range(0, labels.numel(), max(1, batch_size)):
-            with ctx():
-                x = model.sample(z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev))
-            chunks.append(x.float().cpu())
-    model.train(was_training)
-    return torch.cat(chunks).clamp_(-1.0, 1.0)
-
-
-def sample_images(
-    model: nn.Module,
-    labels: Sequence[int] | torch.Tensor,
-    *,
-    seed: int,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    precision: Any = None,
-) -> torch.Tensor:
-    """Decode one latent per label with `model.sample(z, labels)`; deterministic for a given seed.
-
-    Args:
-        model: a generative model with `latent_dim` and `sample(z, labels)`.
-        labels: class index per image.
-        seed: seed of the CPU generator that draws all latents.
-        batch_size: images decoded per forward pass (changes results only by float rounding).
-        device: where the model runs (the model is moved there).
-        precision: optional runtime.Precision whose autocast wraps the decoding.
-    Returns:
-        [N, C, *spatial] float32 on the CPU, clamped to [-1, 1].
-    """
-    if not (hasattr(model, "sample") and hasattr(model, "latent_dim")):
-        raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
-    n = len(labels)
-    z = draw_latents(n, model.latent_dim, seed)  # [N, latent_dim]
-    return decode(model, z, labels, batch_size=batch_size, device=device, precision=precision)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
+from medgen.models.sampling import decode, draw_latents, sample_images
+from medgen.outputs import atomic_write_json, atomic_write_text, check_output_dir, staged_dir
+from medgen.runtime import resolve_device
 
 
 def class_indices(classes: Sequence[str] | None, class_names: Sequence[str], where: str = "checkpoint") -> list[int]:
@@ -149,13 +81,6 @@ def write_synthetic(
     Returns:
         The output folder.
     """
-    import nibabel as nib
-
-    import medgen
-    from medgen.outputs import atomic_write_json, atomic_write_text, check_output_dir, staged_dir
-    from medgen.runtime import resolve_device
-    from medgen.training.checkpoint import model_from_checkpoint
-
     check_output_dir(out, overwrite=overwrite, inputs=[checkpoint])
     model, meta = model_from_checkpoint(checkpoint, ema=ema)
     class_names = meta["class_names"]
@@ -236,8 +161,6 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
     def __init__(self, checkpoint: str | os.PathLike, n: int, classes: Sequence[str] | None = None,
                  seed: int = 0, device: str = "cpu", ema: bool = True) -> None:
-        from medgen.training.checkpoint import model_from_checkpoint
-
         self.model, self.meta = model_from_checkpoint(checkpoint, ema=ema)
         self.class_names = self.meta["class_names"]
         self.labels = split_labels(n, class_indices(classes, self.class_names))

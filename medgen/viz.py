@@ -1,0 +1,240 @@
+"""Every picture medgen draws: sample montages, cv-evaluate charts, segmentation panels and traversals.
+
+Montages show three orthogonal mid-slices per volume (3D) or a grid of images (2D). matplotlib is
+imported inside the drawing functions (it is slow to import and only needed when a picture is drawn).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medgen.outputs import atomic_write_bytes
+
+
+def orthogonal_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """The three mid-slices of a [D, H, W] volume (across axis 0, 1, 2), rotated for display."""
+    d, h, w = volume.shape
+    return [np.rot90(volume[d // 2]), np.rot90(volume[:, h // 2]), np.rot90(volume[:, :, w // 2])]
+
+
+def save_montage(
+    images: torch.Tensor,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Write a PNG montage, one row per image: three orthogonal mid-slices for 3D, the image for 2D.
+
+    Args:
+        images: [N, C, *spatial] in [-1, 1] (first channel shown).
+        labels: class index per image (row titles).
+        class_names: name per class index.
+        path: output PNG (written atomically).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arr = images.detach().float().cpu().numpy()[:, 0]  # [N, *spatial]
+    n = arr.shape[0]
+    three_d = arr.ndim == 4
+    if three_d:
+        fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+        for i in range(n):
+            for j, sl in enumerate(orthogonal_slices(arr[i])):
+                axes[i, j].imshow(sl, cmap="gray", vmin=-1, vmax=1)
+                axes[i, j].axis("off")
+            axes[i, 0].set_title(class_names[int(labels[i])], fontsize=8, loc="left")
+    else:
+        cols = min(n, 8)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(n):
+            ax = axes[i // cols, i % cols]
+            ax.imshow(arr[i], cmap="gray", vmin=-1, vmax=1)
+            ax.set_title(class_names[int(labels[i])], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_accuracy(results: dict[str, Any]) -> bytes:
+    """Bar chart: validation and test accuracy per arm, error bars = SD over folds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = results["arms"]
+    x = np.arange(len(arms))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(arms) + 2), 4))
+    for i, (role, name) in enumerate((("val", "validation"), ("test", "test"))):
+        means = [a[f"{role}_accuracy"]["mean"] for a in arms]
+        sds = [0 if a[f"{role}_accuracy"]["sd"] is None or math.isnan(a[f"{role}_accuracy"]["sd"])
+               else a[f"{role}_accuracy"]["sd"] for a in arms]
+        ax.bar(x + (i - 0.5) * 0.38, means, 0.38, yerr=sds, capsize=3, label=name)
+    ax.axhline(1.0 / len(results["class_names"]), color="grey", lw=0.8, ls="--", label="chance")
+    ax.set_xticks(x, [a["label"] for a in arms], rotation=60, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Accuracy per arm (mean ± SD over {results['folds']} folds)")
+    ax.legend(fontsize=8)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_confusions(results: dict[str, Any]) -> bytes:
+    """Grid of summed (over folds) test confusion matrices, one per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = results["arms"]
+    names = results["class_names"]
+    cols = min(4, len(arms))
+    rows = int(math.ceil(len(arms) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, a in zip(axes.flat, arms, strict=False):
+        cm = np.array(a["test_confusion_sum"])
+        ax.axis("on")
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > (cm.max() + cm.min()) / 2 else "black")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(a["label"], fontsize=9)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+    fig.suptitle("Test confusion matrices, summed over folds")
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+TRAVERSAL_STEPS = 7
+TRAVERSAL_RANGE = 3.0
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct RGB colours in [0, 255] (matplotlib tab10/tab20)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return (np.array([cmap(i % cmap.N)[:3] for i in range(n)]) * 255).astype(np.uint8)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Image [C, H, W] in [-1, 1] -> [H, W, 3] uint8 (grey images repeated)."""
+    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    a = np.moveaxis(a, 0, -1)
+    return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+
+
+def mid_slice(x: torch.Tensor) -> torch.Tensor:
+    """Middle axial slice of [..., X, Y, Z] -> [..., Y, X] rotated for display (superior up); 2D passes through."""
+    return x[..., x.shape[-1] // 2].transpose(-1, -2).flip(-2)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_panel(path: Path, model: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor | None) -> None:
+    """One PNG: input, reconstruction, argmax segmentation, truth, then per-decoder images and weights.
+
+    Args:
+        path: PNG to write.
+        model: the parallel-decoder VAE (eval mode).
+        x: one image [C, *S].
+        truth: true id map [*S] or None.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with torch.no_grad():
+        out = model(x.unsqueeze(0))
+    k = out.images.shape[1]
+    view = (lambda t: mid_slice(t)) if x.ndim == 4 else (lambda t: t)
+    seg = out.weights[0, :, 0].argmax(dim=0)
+    pal = palette(max(k, 10))
+    cols = 4 + k
+    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.4))
+    for ax in axes.ravel():
+        ax.axis("off")
+    tiles = [("input", to_uint8(view(x))), ("reconstruction", to_uint8(view(out.recon[0]))),
+             ("segmentation", pal[view(seg).numpy()])]
+    if truth is not None:
+        t = view(truth).numpy()
+        tiles.append(("truth", palette(int(t.max()) + 1)[t]))
+    for j, (title, img) in enumerate(tiles):
+        axes[0, j].imshow(img)
+        axes[0, j].set_title(title, fontsize=7)
+    for i in range(k):
+        axes[0, 4 + i].imshow(to_uint8(view(out.images[0, i])))
+        axes[0, 4 + i].set_title(f"decoder {i}", fontsize=7, color=pal[i] / 255)
+        axes[1, 4 + i].imshow(view(out.weights[0, i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[1, 4 + i].set_title(f"weight {i}", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index: int = 0) -> list[int]:
+    """Latent traversal strip: row k varies decoder k's highest-variance latent dim of item `index`.
+
+    Args:
+        path: PNG to write.
+        model: the parallel-decoder VAE.
+        mu: [N, K, L] posterior means of the data (picks the dimension with most spread per decoder).
+        index: item whose latents are varied.
+    Returns:
+        The latent dimension varied for each decoder.
+    """
+    k = mu.shape[1]
+    dims = mu.var(dim=0).argmax(dim=1).tolist() if mu.shape[0] > 1 else [0] * k  # [K]
+    values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, TRAVERSAL_STEPS)
+    rows = []
+    with torch.no_grad():
+        for d in range(k):
+            z = mu[index].unsqueeze(0).repeat(TRAVERSAL_STEPS, 1, 1)  # [T, K, L]
+            z[:, d, dims[d]] = values
+            imgs = model.sample(z.flatten(1))  # [T, C, *S]
+            if imgs.ndim == 5:
+                imgs = mid_slice(imgs)
+            rows.append(np.concatenate([to_uint8(im) for im in imgs], axis=1))
+    save_png(path, np.concatenate(rows, axis=0))
+    return dims
