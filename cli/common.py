@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -22,7 +24,9 @@ ConfigOpt = Annotated[
     str | None,
     typer.Option("--config", "-c", help="YAML config file or preset name (smoke, quick, paper)."),
 ]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overrides the config).")]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed (overrides the config).")
+]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu or cuda (overrides the config).")
 ]
@@ -47,6 +51,17 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 
 
+def load_config(path: str | Path | None) -> Any:
+    """Load a config (YAML file or preset name) and check its `models.<name>` / `steps.<name>` sections
+    against the model and Step registries (did-you-mean names and keys), before any output is made."""
+    from medgen.config import load_config as load
+    from medgen.training.preflight import check_model_sections
+
+    cfg = load(path)
+    check_model_sections(cfg, "config" if path is None else str(path))
+    return cfg
+
+
 def override_data(cfg: Any, *, data: str | None, image_column: str | None, label_column: str | None,
                   group_column: str | None, **more: Any) -> None:
     """Apply the shared --data/--image-column/--label-column/--group-column options (and `more`
@@ -63,14 +78,26 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    from medgen.errors import Terminated
+
+    raise Terminated()
+
+
 def handle_errors(fn: F) -> F:
-    """Turn known errors into one clear line and exit 1 (full traceback only with MEDGEN_DEBUG=1)."""
+    """Turn known errors into one clear line and exit 1 (full traceback only with MEDGEN_DEBUG=1).
+
+    SIGTERM is handled like Ctrl-C (partial output removed) and exits 143; Ctrl-C exits 130.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from medgen.errors import MedgenError
+        from medgen.errors import MedgenError, Terminated, explain
 
         debug = os.environ.get("MEDGEN_DEBUG", "") == "1"
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -79,14 +106,23 @@ def handle_errors(fn: F) -> F:
             if debug:
                 raise
             fail(str(e))
+        except Terminated:
+            typer.echo("error: terminated (SIGTERM); partial output removed", err=True)
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted", err=True)
             raise typer.Exit(130) from None
         except Exception as e:  # an unexpected failure still ends in one line, not a traceback
             if debug:
                 raise
+            known = explain(e)
+            if known is not None:
+                fail(known)
             first = (str(e).strip().splitlines() or [""])[0]
             fail(f"{type(e).__name__}: {first} (set MEDGEN_DEBUG=1 for the traceback)")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
 

@@ -29,6 +29,7 @@ from torch import nn
 
 import medgen
 from medgen.errors import MedgenError
+from medgen.models.memory import check_model_fits
 from medgen.models.registry import create_model
 from medgen.outputs import atomic_write
 
@@ -124,7 +125,21 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any] | None =
     """
     if checkpoint is None:
         checkpoint = build_checkpoint(**fields)
+    bad = nonfinite_weights(checkpoint.get("state", {}))
+    if bad:  # never write (or later name good) weights that are NaN/Inf
+        raise MedgenError(f"refusing to write checkpoint {path}: {len(bad)} weight tensor(s) are non-finite "
+                          f"(e.g. {bad[0]}); training diverged (lower train.lr?)")
     return atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def nonfinite_weights(state: dict[str, Any]) -> list[str]:
+    """Names of floating tensors holding NaN/Inf in a checkpoint state's model and EMA weights."""
+    bad = []
+    for part in ("model", "ema"):
+        for name, t in (state.get(part) or {}).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{part}.{name}")
+    return bad
 
 
 def resolve_checkpoint_path(path_or_run: str | os.PathLike) -> Path:
@@ -239,9 +254,14 @@ def model_from_checkpoint(
     """
     ckpt = load_checkpoint(path_or_run_dir, expected_model=expected_model)
     meta = checkpoint_meta(ckpt)
+    check_model_fits(meta["model"], meta["kwargs"], f"checkpoint {meta['path']}")  # kwargs edited to a huge model
     model = create_model(meta["model"], **meta["kwargs"])
     state = ckpt["state"]
     sd = state.get("ema") if ema and state.get("ema") is not None else state["model"]
+    bad = nonfinite_weights({"model": sd})
+    if bad:
+        raise MedgenError(f"checkpoint {meta['path']} holds {len(bad)} non-finite weight tensor(s) (e.g. "
+                          f"{bad[0].split('.', 1)[1]}): training diverged; use an earlier checkpoint")
     load_model_state(model, sd, f"checkpoint {meta['path']}")
     model.eval()
     meta["sha256"] = checkpoint_sha256(meta["path"])

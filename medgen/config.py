@@ -2,14 +2,19 @@
 
 A config file is validated on load: unknown keys and mistyped values give one clear error naming the
 file and the dotted key. Command-line options are applied afterwards with `override`, so they win.
-Model and step sections (`models.<name>`, `steps.<name>`) are keyword arguments; they are checked
-against the registered model's signature / the Step's fields when those are built.
+Numbers carry their allowed range (field metadata), checked for the file and the command line alike.
+Model and step sections (`models.<name>`, `steps.<name>`) are keyword arguments; their names and keys
+are checked against the registries by medgen.training.preflight.check_model_sections (config is below
+the model layer), which the CLI runs right after loading (medgen.cli.common.load_config).
+YAML aliases are expanded only within a small budget (a "billion laughs" file is refused, not expanded).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +24,48 @@ from typing import Any, Literal
 
 import yaml
 
-from medgen.errors import MedgenError
+from medgen.errors import MedgenError, describe_os_error
 
 PRESETS = ("smoke", "quick", "paper")
+PRECISION_NAMES = ("auto", "fp32", "tf32", "bf16", "fp16")
+IMAGE_SIZES = (16, 32, 64, 128, 256)  # 4 * 2**n: the encoder/decoder trunks halve/double to 4 voxels
+MAX_SEED = 2**32 - 1
+YAML_NODE_BUDGET = 100_000  # nodes of a config after alias expansion; real configs have a few hundred
+
+
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A dataclass field with validation rules: ge, gt, le, lt, choices, pattern, sizes, inf_ok."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+def _check_rules(value: Any, rules: typing.Mapping[str, Any], where: str, source: str) -> None:
+    """Raise MedgenError if `value` (or each item of a list) breaks the field's rules."""
+    if value is None or not rules:
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_rules(v, rules, f"{where}[{i}]", source)
+        return
+    if isinstance(value, dict):  # e.g. cv.generator_iterations: one budget per model name
+        for k, v in value.items():
+            _check_rules(v, rules, f"{where}.{k}", source)
+        return
+    if isinstance(value, float) and not math.isfinite(value) and not (rules.get("inf_ok") and value == math.inf):
+        raise MedgenError(f"{source}: {where} must be a finite number, got {value!r}")
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if any(k in rules and not ok(value, rules[k]) for k, _, ok in bounds):
+            want = " and ".join(f"{sym} {rules[k]}" for k, sym, _ in bounds if k in rules)
+            raise MedgenError(f"{source}: {where} must be {want}, got {value!r}")
+    if "choices" in rules and value not in rules["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in rules["choices"]], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MedgenError(f"{source}: {where} must be one of {', '.join(map(str, rules['choices']))}, got {value!r}{hint}")
+    if "pattern" in rules and not re.fullmatch(rules["pattern"], str(value)):
+        raise MedgenError(f"{source}: {where} must be {rules['pattern_help']}, got {value!r}")
 
 
 @dataclass
@@ -32,7 +76,7 @@ class DataConfig:
     image_column: str = "image"
     label_column: str = "label"
     group_column: str | None = None
-    size: int = 64
+    size: int = _f(64, choices=IMAGE_SIZES)
     cache: bool = True
 
 
@@ -51,17 +95,17 @@ class PhantomConfig:
 class TrainConfig:
     """The one training loop's settings (shared by every model)."""
 
-    iterations: int = 1000
-    batch_size: int = 4
-    lr: float = 2e-4
-    ema_decay: float = 0.999
-    precision: str = "auto"
+    iterations: int = _f(1000, ge=1)
+    batch_size: int = _f(4, ge=1)
+    lr: float = _f(2e-4, gt=0.0)
+    ema_decay: float = _f(0.999, ge=0.0, lt=1.0)  # 0 turns the EMA off
+    precision: str = _f("auto", choices=PRECISION_NAMES)
     compile: bool = False
     channels_last: bool | None = None
-    log_every: int = 10
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    max_seconds: float | None = None
+    log_every: int = _f(10, ge=1)
+    sample_every: int = _f(500, ge=0)  # 0: no montages
+    checkpoint_every: int = _f(500, ge=0)  # 0: only at the end
+    max_seconds: float | None = _f(None, gt=0.0, inf_ok=True)
 
 
 @dataclass
@@ -69,13 +113,13 @@ class ClassifierConfig:
     """The 3D classifier trained by cv-evaluate (a MONAI network)."""
 
     name: Literal["densenet121", "resnet18", "simple", "plain"] = "resnet18"
-    base_width: int = 8
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    dropout: float = 0.0
-    label_smoothing: float = 0.0
+    base_width: int = _f(8, ge=1, le=1024)
+    epochs: int = _f(30, ge=1)
+    batch_size: int = _f(8, ge=1)
+    lr: float = _f(1e-3, gt=0.0)
+    weight_decay: float = _f(1e-4, ge=0.0)
+    dropout: float = _f(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = _f(0.0, ge=0.0, lt=1.0)
     norm: Literal["batch", "instance"] = "batch"  # plain backbone only
     standardize: bool = False  # add a voxelwise-standardised input channel (training-set statistics)
     schedule: Literal["constant", "cosine"] = "constant"
@@ -87,32 +131,32 @@ class ClassifierConfig:
 class CVConfig:
     """The augmentation experiment (DESIGN.md section 5)."""
 
-    folds: int = 6
-    test_size: float = 60
+    folds: int = _f(6, ge=2)
+    test_size: float = _f(60, gt=0.0)
     models: list[str] = field(default_factory=lambda: ["vae", "gan", "alpha-gan"])
     fractions: list[float] = field(default_factory=lambda: [0.33, 0.5])
     augmentation: list[bool] = field(default_factory=lambda: [False, True])
     augment_synthetic: bool = True  # cross the synthetic arms with `augmentation` too (false: real + aug only)
     tstr: bool = True
-    generator_iterations: int | dict[str, int] | None = None  # one budget, or one per model name
+    generator_iterations: int | dict[str, int] | None = _f(None, ge=1)  # one budget, or one per model name
     synthetic_classes: Literal["match", "balanced"] = "match"
-    size: int | None = None  # grid the experiment resamples to (None: data.size), e.g. 32 for CPU runs
+    size: int | None = _f(None, choices=IMAGE_SIZES)  # grid the experiment resamples to (None: data.size), e.g. 32 for CPU runs
     # Controls (DESIGN.md section 5): real-data learning curve (shares of each fold's training subjects),
     # the oracle arm (fresh phantom subjects; None = on for phantom data), permuted-label synthetic arm,
     # a voxel-PCA + logistic baseline, and fresh phantom subjects added to the held-out test set.
-    learning_curve: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    learning_curve: list[float] = _f(factory=lambda: [0.5, 0.75], gt=0.0, lt=1.0)
     oracle: bool | None = None
     permuted: bool = True
     linear_baseline: bool = True
-    extra_test: int = 0
+    extra_test: int = _f(0, ge=0)
 
 
 @dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
-    seed: int = 0
-    device: str = "auto"
+    seed: int = _f(0, ge=0, le=MAX_SEED)
+    device: str = _f("auto", pattern=r"auto|cpu|mps|cuda(:\d+)?", pattern_help="auto, cpu or cuda (or cuda:N)")
     data: DataConfig = field(default_factory=DataConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -199,12 +243,67 @@ def _build(cls: type, data: Any, where: str, source: str) -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
             raise MedgenError(f"{source}: unknown key {dotted!r}{hint}")
         kwargs[key] = _check_value(value, hints[key], dotted, source)
+        _check_rules(kwargs[key], _rules(cls, key), dotted, source)
     return cls(**kwargs)
+
+
+def _rules(cls: type, name: str) -> typing.Mapping[str, Any]:
+    return next((f.metadata for f in dataclasses.fields(cls) if f.name == name), {})
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a plain mapping (e.g. parsed YAML) into a Config."""
     return _build(Config, data, "", source)
+
+
+class _BudgetLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents whose alias expansion exceeds YAML_NODE_BUDGET nodes."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in `node` with every alias expanded (shared sub-graphs counted per use, computed once)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = YAML_NODE_BUDGET + 1  # a cycle (recursive alias) counts as over budget
+    total = 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            total += _expanded_size(k, memo) + _expanded_size(v, memo)
+            if total > YAML_NODE_BUDGET:
+                break
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            total += _expanded_size(v, memo)
+            if total > YAML_NODE_BUDGET:
+                break
+    memo[key] = total
+    return total
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML safely (no Python objects) with a budget on alias expansion: the one YAML parser.
+
+    Args:
+        text: the YAML text.
+        source: the file name used in error messages.
+    """
+    loader = _BudgetLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > YAML_NODE_BUDGET:
+            raise MedgenError(f"{source}: the YAML expands to more than {YAML_NODE_BUDGET} values through "
+                              "aliases (&/*); refused (write the values out)")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise MedgenError(f"{source}: the YAML is nested too deeply to read") from None
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MedgenError(f"{source}: not valid YAML ({first})") from e
+    finally:
+        loader.dispose()
 
 
 def preset_path(name: str) -> Path:
@@ -226,10 +325,12 @@ def load_config(path: str | Path | None) -> Config:
     if not p.is_file():
         raise MedgenError(f"config file {path} not found (presets: {', '.join(PRESETS)})")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MedgenError(f"{p}: not valid YAML ({first})") from e
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MedgenError(f"{p}: not valid YAML (not UTF-8 text)") from e
+    except OSError as e:
+        raise MedgenError(describe_os_error(e, default_path=p)) from e
+    data = load_yaml(text, str(p))
     return config_from_dict(data or {}, source=str(p))
 
 
@@ -248,5 +349,8 @@ def override(cfg: Config, **dotted: Any) -> Config:
         for part in parts[:-1]:
             obj = getattr(obj, part)
         hints = typing.get_type_hints(type(obj))
-        setattr(obj, parts[-1], _check_value(value, hints[parts[-1]], ".".join(parts), "command line"))
+        where = ".".join(parts)
+        checked = _check_value(value, hints[parts[-1]], where, "command line")
+        _check_rules(checked, _rules(type(obj), parts[-1]), where, "command line")
+        setattr(obj, parts[-1], checked)
     return cfg

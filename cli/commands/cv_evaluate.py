@@ -58,18 +58,21 @@ def cv_evaluate(
     train each generator on the training subjects, then classifiers on real only, real + classical
     augmentation, real + synthetic at each fraction (with and without augmentation) and synthetic
     only (TSTR). Writes results.json/.csv/.md and plots to OUT and prints the table."""
-    from medgen.config import load_config
+    from medgen.outputs import check_output_dir, output_lock
     from medgen.pipelines.cv import merge as merge_folds
     from medgen.pipelines.cv import run_cv
 
     if merge:
         merge_folds(Path(out), echo=True)
         return
-    cfg = load_config(config)
+    cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, cv__folds=folds)
     if models is not None:
         cfg.cv.models = _split_list(models, "--models", str)
     if fractions is not None:
         cfg.cv.fractions = _split_list(fractions, "--fractions", float)
-    run_cv(cfg, out, fold=fold, resume=resume, overwrite=overwrite, echo=True)
+    check_output_dir(out, overwrite=overwrite, resume=resume or fold is not None, inputs=[data, config])
+    # one writer per run folder; separate --fold jobs share it by design, so each locks its fold
+    with output_lock(out if fold is None else Path(out).with_name(f"{Path(out).name}.fold_{fold}")):
+        run_cv(cfg, out, fold=fold, resume=resume, overwrite=overwrite, echo=True)

@@ -18,11 +18,11 @@ def register(app: typer.Typer) -> None:
 def evaluate_synth(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file or a `medgen train` run folder.")],
     data: cli.DataOpt = None,
-    n: Annotated[int | None, typer.Option("--n", help="Synthetic volumes per class (default: as many as real).")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, max=100_000, help="Synthetic volumes per class (default: as many as real).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result to this JSON file.")] = None,
-    pairs: Annotated[int, typer.Option("--pairs", help="Random pairs per set for MS-SSIM.")] = 20,
+    pairs: Annotated[int, typer.Option("--pairs", min=1, help="Random pairs per set for MS-SSIM.")] = 20,
     classifier_iterations: Annotated[
-        int, typer.Option("--classifier-iterations", help="Training iterations of the feature classifier.")
+        int, typer.Option("--classifier-iterations", min=1, help="Training iterations of the feature classifier.")
     ] = 200,
     config: cli.ConfigOpt = None,
     seed: cli.SeedOpt = None,
@@ -33,12 +33,14 @@ def evaluate_synth(
 ) -> None:
     """MS-SSIM (synthetic vs real pairs), MMD, Frechet distance on classifier features, nearest-neighbour check."""
     from medgen.checkpoint import load_checkpoint
-    from medgen.config import load_config
     from medgen.data import load_config_data
+    from medgen.errors import MedgenError
     from medgen.outputs import atomic_write_json
     from medgen.pipelines.evaluate_synth import evaluate_synthesis
 
-    cfg = load_config(config)
+    if json_path is not None and json_path.is_dir():
+        raise MedgenError(f"--json {json_path} is a folder; give a file name, e.g. {json_path / 'quality.json'}")
+    cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device)
     ckpt = load_checkpoint(checkpoint)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from medgen.cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors
+from medgen.cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors, load_config
 
 
 def register(app: typer.Typer) -> None:
@@ -32,13 +32,15 @@ def phantom(
     config: ConfigOpt = None,
 ) -> None:
     """Generate the phantom dementia cohort from the MNI152 template; prints a JSON summary."""
-    from medgen.config import load_config, override
+    from medgen.config import override
     from medgen.data.phantom import generate_cohort
+    from medgen.outputs import check_output_dir
 
     cfg = load_config(config)
     # the cohort seed: --seed, else the phantom section's seed
     override(cfg, phantom__n=n, phantom__seed=seed, phantom__effect_scale=effect_scale, phantom__size=size)
     pc = cfg.phantom
+    check_output_dir(out, overwrite=overwrite, inputs=[config])
     start = time.perf_counter()
     path = generate_cohort(
         out, n=pc.n, seed=pc.seed, effect_scale=pc.effect_scale, size=pc.size, overwrite=overwrite

@@ -16,10 +16,10 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def scenes(
     out: OutOpt,
-    n: Annotated[int, typer.Option("--n", help="Number of scenes.")] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed; scene i is the same for any --n.")] = 0,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of scenes.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed; scene i is the same for any --n.")] = 0,
     split: Annotated[str, typer.Option("--split", help="train | test | same-colour | more-objects.")] = "train",
-    frames: Annotated[int, typer.Option("--frames", help="Frames per scene (a camera orbit).")] = 1,
+    frames: Annotated[int, typer.Option("--frames", min=1, help="Frames per scene (a camera orbit).")] = 1,
     size: Annotated[int, typer.Option("--size", help="Image size in pixels.")] = 128,
     overwrite: OverwriteOpt = False,
 ) -> None:

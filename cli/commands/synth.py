@@ -19,13 +19,13 @@ def register(app: typer.Typer) -> None:
 def synth(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file or a `medgen train` run folder.")],
     out: OutOpt,
-    n: Annotated[int, typer.Option("--n", help="Number of volumes, split evenly across the classes.")],
+    n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Number of volumes, split evenly across the classes.")],
     classes: Annotated[
         list[str] | None, typer.Option("--class", help="Class name to sample (repeatable; default: all).")
     ] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Volumes per forward pass.")] = 8,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Write N synthetic volumes (NIfTI with the training affine, datalist.json, participants.tsv) to OUT."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Annotated
 
@@ -20,8 +21,8 @@ def train(
     out: cli.OutOpt,
     data: cli.DataOpt = None,
     config: cli.ConfigOpt = None,
-    iterations: Annotated[int | None, typer.Option("--iterations", help="Training iterations.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", min=1, help="Training iterations.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size.")] = None,
     seed: cli.SeedOpt = None,
     device: cli.DeviceOpt = None,
     precision: Annotated[
@@ -37,29 +38,32 @@ def train(
     group_column: cli.GroupColumnOpt = None,
 ) -> None:
     """Train MODEL on DATA (default: the built-in phantom cohort); RUN gets checkpoints, log, montages, config."""
-    from medgen.config import load_config
     from medgen.data import load_config_data
     from medgen.errors import MedgenError
     from medgen.models.registry import get_model_class, list_models
+    from medgen.outputs import check_output_dir, output_lock
     from medgen.training.loop import fit
+    from medgen.training.preflight import preflight_train
 
     get_model_class(model)  # unknown name -> clear error before any data is read
     if model not in list_models(generative=True):
         raise MedgenError(f"the {model} is trained by `medgen cv-evaluate`; train takes a generative model "
                           f"({', '.join(list_models(generative=True))})")
-    cfg = load_config(config)
+    cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, train__iterations=iterations, train__batch_size=batch_size,
                   train__precision=precision, train__compile=compile_)
-    from medgen.outputs import check_output_dir
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 owns the run folder
     if rank0:
-        check_output_dir(out, overwrite=overwrite, resume=resume)
-    dataset = load_config_data(cfg)
-    result = fit(model, dataset, out, model_kwargs=cfg.models.get(model, {}), step_kwargs=cfg.steps.get(model, {}),
-                 train=cfg.train, device=cfg.device, seed=cfg.seed, resume=resume, overwrite=overwrite,
-                 config=cfg.to_dict())
+        check_output_dir(out, overwrite=overwrite, resume=resume, inputs=[data, config])
+    with output_lock(out) if rank0 else contextlib.nullcontext():
+        dataset = load_config_data(cfg)
+        preflight_train(model, cfg.models.get(model, {}), cfg.steps.get(model, {}), dataset, cfg.train.precision,
+                        cfg.device)
+        result = fit(model, dataset, out, model_kwargs=cfg.models.get(model, {}),
+                     step_kwargs=cfg.steps.get(model, {}), train=cfg.train, device=cfg.device, seed=cfg.seed,
+                     resume=resume, overwrite=overwrite, config=cfg.to_dict())
     if not rank0:
         return
     last = result.history[-1] if result.history else {}

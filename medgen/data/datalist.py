@@ -276,9 +276,13 @@ def _build(
     records: list[dict[str, Any]] = []
     for where, raw in rows:
         image = raw["image"]
+        if image is not None and not isinstance(image, str):
+            raise MedgenError(f"{where}: \"{image_column}\" must be a file path string, got {image!r}")
         if not isinstance(image, str) or not image.strip():
             raise MedgenError(f"{where}: empty image path in \"{image_column}\"")
         image_path = _resolve(base, image)
+        if image_path.is_dir():
+            raise MedgenError(f"{where}: {image_path} is a folder, not an image file")
         if not image_path.is_file():
             raise MedgenError(f"{where}: image file not found: {image_path}")
         key = str(image_path)
@@ -367,6 +371,12 @@ def _map_labels(
             raise MedgenError(f"{where}: missing label")
         if not isinstance(rec["label"], (str, int, float)) or isinstance(rec["label"], bool):
             raise MedgenError(f"{where}: label {rec['label']!r} is not a class name or integer")
+        try:
+            number = float(str(rec["label"]).strip())
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number) and not number.is_integer():
+            raise MedgenError(f"{where}: label {rec['label']!r} is not an integer class index or a class name")
 
     if class_names is not None:
         names = [str(n) for n in class_names]

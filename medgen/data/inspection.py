@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -21,15 +22,23 @@ INTENSITY_RANGE = (-1.0, 1.0)
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def volume_problem(shape: Sequence[int], n_nonfinite: int = 0) -> str | None:
-    """Why an array of `shape` cannot be used as a 3D volume (None when it can).
+MIN_SIDE = 8  # voxels per side: below this a volume holds too little anatomy to resample to a training grid
+
+
+def volume_problem(shape: Sequence[int], n_nonfinite: int = 0, affine: Any = "unchecked") -> str | None:
+    """Why an array of `shape` cannot be used as a 3D volume (None when it can); data-check and loading share it.
 
     A 4D array with a singleton last axis counts as 3D (it is squeezed on loading).
 
     Args:
         shape: the array shape as stored in the file.
         n_nonfinite: number of NaN/Inf voxels.
+        affine: the voxel-to-world matrix (4x4), checked to be finite and invertible when given.
     """
+    if not isinstance(affine, str):
+        a = None if affine is None else np.asarray(affine, dtype=np.float64)
+        if a is None or a.shape != (4, 4) or not np.isfinite(a).all() or abs(np.linalg.det(a[:3, :3])) < 1e-9:
+            return "has a zero, singular or missing affine (voxel-to-world matrix); fix the header's qform/sform"
     shape = tuple(int(s) for s in shape)
     if len(shape) == 4 and shape[-1] == 1:
         shape = shape[:3]
@@ -37,6 +46,9 @@ def volume_problem(shape: Sequence[int], n_nonfinite: int = 0) -> str | None:
         return f"is a 2D image (shape {shape}); a 3D volume is needed"
     if len(shape) > 3:
         return f"is a {len(shape)}D image (shape {shape}); a single 3D volume is needed"
+    if min(shape) < MIN_SIDE:
+        return (f"is too small (shape {shape}); every side needs at least {MIN_SIDE} voxels to be resampled "
+                "to a training grid")
     if n_nonfinite:
         return f"has {n_nonfinite} NaN/Inf voxels"
     return None
@@ -82,7 +94,11 @@ def inspect_volume(path: str) -> VolumeInfo:
             img = nib.load(str(path))
             info.shape = tuple(int(s) for s in img.shape)
             info.spacing = tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])
-            info.orientation = "".join(nib.aff2axcodes(img.affine)) if img.affine is not None else "?"
+            bad_affine = volume_problem((MIN_SIDE,) * 3, 0, img.affine)
+            if bad_affine:
+                info.problem = f"{path}: {bad_affine}"
+                return info
+            info.orientation = "".join(nib.aff2axcodes(img.affine))
             info.dtype = str(img.get_data_dtype())
             arr = np.asanyarray(img.dataobj)
     except Exception as e:

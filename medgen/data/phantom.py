@@ -37,7 +37,7 @@ from medgen.console import log, track
 from medgen.data.anatomy import Atlas, load_atlas
 from medgen.data.dataset import DEFAULT_CLASS_NAMES
 from medgen.errors import MedgenError
-from medgen.outputs import staged_dir
+from medgen.outputs import has_marker, staged_dir, write_marker
 
 GENERATOR_VERSION = "1"
 
@@ -493,7 +493,7 @@ def generate_cohort(
     width = max(4, len(str(n)))
     rows, training = [], []
     out = Path(out)
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    with staged_dir(out, overwrite=overwrite, command="phantom") as tmp:
         jobs = [(i, f"sub-{i + 1:0{width}d}", labels[i], seed, effect_scale) for i in range(n)]
         for sid, t1, dseg, item, row in track(_render_all(atlas, jobs, workers), "phantom", total=n):
             anat = tmp / sid / "anat"
@@ -545,6 +545,15 @@ def read_parameters(folder: str | Path) -> dict | None:
     return meta.get("parameters")
 
 
+def _written_by_phantom(folder: Path) -> bool:
+    """Whether `folder` holds the phantom.json this module writes (a cohort medgen generated)."""
+    try:
+        meta = json.loads((folder / "phantom.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == "medgen.data.phantom"
+
+
 def ensure_cohort(
     cache_dir: str | Path, *, n: int = 360, seed: int = 0, effect_scale: float = 1.0, size: int = 64
 ) -> Path:
@@ -565,4 +574,8 @@ def ensure_cohort(
             fcntl.flock(lock, fcntl.LOCK_EX)
         if read_parameters(folder) == _parameters(n, seed, effect_scale, size):
             return folder
+        if folder.is_dir() and not has_marker(folder) and _written_by_phantom(folder):
+            # a cohort cached before output folders carried medgen's marker (or of an older generator
+            # version): it is medgen's own, so it may be regenerated in place
+            write_marker(folder, "phantom")
         return generate_cohort(folder, n=n, seed=seed, effect_scale=effect_scale, size=size, overwrite=True)

@@ -111,7 +111,8 @@ class Preprocessor:
             raise MedgenError(f"{path}: cannot read image ({root_message(e)})") from None
         arr = img.as_tensor().numpy() if hasattr(img, "as_tensor") else img.numpy()
         n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        problem = volume_problem(tuple(img.shape), n_bad)
+        affine = img.affine.numpy() if hasattr(img, "affine") and hasattr(img.affine, "numpy") else None
+        problem = volume_problem(tuple(img.shape), n_bad, affine if hasattr(img, "affine") else "unchecked")
         if problem:
             raise MedgenError(f"{path}: {problem}")
         if img.ndim == 4:

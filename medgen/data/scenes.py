@@ -373,7 +373,7 @@ def write_scenes(out: str | Path, *, n: int, seed: int = 0, split: str = "train"
     start = time.perf_counter()
     render_s = 0.0
     items: list[dict[str, Any]] = []
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    with staged_dir(out, overwrite=overwrite, command="scenes") as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         for i in track(range(n), f"rendering {split} scenes"):

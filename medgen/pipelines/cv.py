@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +65,13 @@ from medgen.evaluation.stats import classification_metrics
 from medgen.models.classifier import Classifier
 from medgen.models.registry import create_model, get_model_class
 from medgen.models.sampling import sample_images
-from medgen.outputs import atomic_write_json, atomic_write_text, check_output_dir
+from medgen.outputs import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    clear_output_dir,
+    make_output_dir,
+)
 from medgen.pipelines.report import write_report
 from medgen.runtime import resolve_device, seed_everything
 from medgen.training.loop import fill_model_kwargs, fit
@@ -598,7 +603,7 @@ def prepare_run(cfg: Config, out: Path, data: ImageSet, source: str, *, resume: 
     joining = fold is not None and existing
     check_output_dir(out, overwrite=overwrite, resume=resume or joining)
     if overwrite and out.exists() and not resume:
-        shutil.rmtree(out)
+        clear_output_dir(out)  # only a folder medgen wrote (check_output_dir refused any other)
         existing = False
     if existing:
         old = json.loads(run_json.read_text(encoding="utf-8"))
@@ -611,7 +616,7 @@ def prepare_run(cfg: Config, out: Path, data: ImageSet, source: str, *, resume: 
             raise MedgenError(f"{out / 'splits.json'}: the saved splits differ from this data's splits "
                               "(different data?); use a new --out or --overwrite")
         return splits
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "cv-evaluate")
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     splits.save(out / "splits.json")
     atomic_write_json(run_json, {

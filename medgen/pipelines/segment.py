@@ -70,7 +70,8 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
     Returns:
         The metrics dict (also written to metrics.json).
     """
-    check_output_dir(out, overwrite=overwrite)
+    inputs = [checkpoint, None if isinstance(data, ImageSet) else data]
+    check_output_dir(out, overwrite=overwrite, inputs=inputs)
     model, meta = model_from_checkpoint(checkpoint, expected_model="parallel-vae")
     kw = meta["kwargs"]
     ds = data if isinstance(data, ImageSet) else load_segment_data(data, int(kw.get("image_size", 64)))
@@ -109,7 +110,7 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
     if truth is None and "tissue" in ds.extras:
         truth = ds.extras["tissue"].reshape(pred.shape)
 
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    with staged_dir(out, overwrite=overwrite, inputs=inputs, command="segment") as tmp:
         seg_dir = tmp / "segmentations"
         seg_dir.mkdir()
         pal = palette(max(k, 10))

@@ -81,7 +81,7 @@ def write_synthetic(
     Returns:
         The output folder.
     """
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, inputs=[checkpoint])
     model, meta = model_from_checkpoint(checkpoint, ema=ema)
     class_names = meta["class_names"]
     affine = meta["affine"]
@@ -96,7 +96,7 @@ def write_synthetic(
         raise MedgenError(f"checkpoint {meta['path']} produces {probe.ndim - 2}D images; synth writes 3D volumes")
     desc = _bids_label(meta["model"])
     ckpt_name = Path(meta["path"]).name
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    with staged_dir(out, overwrite=overwrite, inputs=[checkpoint], command="synth") as tmp:
         atomic_write_json(tmp / "dataset_description.json", {
             "Name": f"medgen synthetic {meta['model']} volumes",
             "BIDSVersion": "1.9.0",
@@ -116,6 +116,9 @@ def write_synthetic(
                 chunk = decode(model, z[i : i + batch_size], labels[i : i + batch_size], batch_size=batch_size,
                                device=dev)
             vol = chunk[i % batch_size]
+            if not bool(torch.isfinite(vol).all()) or float(vol.max() - vol.min()) == 0.0:
+                raise MedgenError(f"checkpoint {meta['path']} produced a {'NaN' if not torch.isfinite(vol).all() else 'constant'} "
+                                  f"volume for class {class_names[label]} (index {i}); nothing was written")
             sub = f"sub-synth{i + 1:04d}"
             rel = f"{sub}/anat/{sub}_desc-{desc}_T1w.nii.gz"
             path = tmp / rel

@@ -44,7 +44,7 @@ from medgen.runtime import (
 from medgen.training import distributed
 from medgen.training.hooks import Montage, Validation
 from medgen.training.run_dir import RunDir
-from medgen.training.state import TrainState
+from medgen.training.state import TrainState, check_resume, data_fingerprint
 from medgen.training.steps import Batch, create_step
 
 
@@ -180,7 +180,9 @@ def fit(
     }
     history: list[dict[str, Any]] = []
     if resuming:
-        state.load_checkpoint(load_checkpoint(run.last, expected_model=model_name), str(run.last))
+        ckpt = load_checkpoint(run.last, expected_model=model_name)
+        check_resume(ckpt, cfg_dict, seed, state.fingerprint, run.last)  # same data, seed and config
+        state.load_checkpoint(ckpt, str(run.last))
         history = run.read_log(state.iteration)
     else:
         run.write_config(cfg_dict)
@@ -209,6 +211,7 @@ def fit(
             if montage.due(it, done):
                 montage(state, run)
             if (train.checkpoint_every and it % train.checkpoint_every == 0) or done:
+                state.check_finite_weights(run.good_checkpoint)  # never write or name good NaN weights
                 run.save_last(checkpoint())
             progress.update(task, completed=it)
             if stopped_by_time:
@@ -245,6 +248,7 @@ def build_state(model_name: str, data: ImageSet, train: TrainConfig, dev: torch.
     model = prepare_model(model, train, dev)
     return TrainState(model_name, model, kwargs, step_kwargs, step, lr=train.lr, ema_decay=train.ema_decay,
                       precision=precision, device=dev, n_items=len(data), batch_size=train.batch_size, seed=seed,
-                      total_iterations=train.iterations, rank=rank, world=world)
+                      total_iterations=train.iterations, rank=rank, world=world,
+                      fingerprint=data_fingerprint(data))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,13 @@ import torch
 import yaml
 
 from medgen.checkpoint import BEST_NAME, FINAL_NAME, LAST_NAME, save_checkpoint
-from medgen.outputs import atomic_write_bytes, atomic_write_text, check_output_dir
+from medgen.outputs import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_dir,
+    clear_output_dir,
+    make_output_dir,
+)
 from medgen.training import distributed
 
 
@@ -46,12 +51,13 @@ class RunDir:
             check_output_dir(self.path, overwrite=overwrite, resume=resume)
 
     def open(self, *, overwrite: bool, resume: bool) -> bool:
-        """Create the folder (emptied first with overwrite); return whether the run resumes from last.pt."""
+        """Create the folder with medgen's marker (emptied first with overwrite: only a folder medgen wrote,
+        check_output_dir refused any other); return whether the run resumes from last.pt."""
         resuming = resume and self.last.is_file()
-        if self.main and overwrite and not resuming and self.path.exists():
-            shutil.rmtree(self.path)
+        if self.main and overwrite and not resuming:
+            clear_output_dir(self.path)
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.path, "train")
         distributed.barrier()
         if resuming:
             self.log_fields = _log_fields(self.log_path)

@@ -7,6 +7,7 @@ resumed run continues bit-exactly.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medgen.checkpoint import build_checkpoint, load_model_state
+from medgen.checkpoint import build_checkpoint, load_model_state, nonfinite_weights, to_plain
 from medgen.console import log
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
@@ -22,6 +23,47 @@ from medgen.runtime import Precision
 from medgen.training import distributed
 from medgen.training.ema import EMA
 from medgen.training.steps import Batch, Step, StepContext
+
+# Settings a resumed run may change: how long it runs and how often it reports (not what it computes).
+RESUME_MAY_CHANGE = {"device", "train.iterations", "train.max_seconds", "train.log_every", "train.sample_every",
+                     "train.checkpoint_every", "data.path", "data.cache", "data.image_column", "data.label_column",
+                     "data.group_column", "phantom.cache_dir"}
+
+
+def data_fingerprint(data: ImageSet) -> str:
+    """sha256 over the images (a strided sample), labels, subjects and class names: same data, same string."""
+    h = hashlib.sha256()
+    h.update(repr((tuple(data.images.shape), list(data.class_names), list(data.subjects))).encode())
+    h.update(data.labels.numpy().tobytes())
+    flat = data.images.reshape(-1)
+    h.update(flat[:: max(1, flat.numel() // 1_000_003)].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_resume(ckpt: dict[str, Any], cfg_dict: dict[str, Any], seed: int, fingerprint: str, path: Any) -> None:
+    """Refuse to resume a run with other data, another seed or another config than it was started with."""
+    extra = ckpt.get("extra", {})
+    old_seed = extra.get("seed", ckpt.get("config", {}).get("seed"))
+    if old_seed is not None and int(old_seed) != int(seed):
+        raise MedgenError(f"{path}: the run was started with seed {old_seed}, not {seed}; resume with the same "
+                          "seed or start a new --out")
+    if extra.get("data_fingerprint") not in (None, fingerprint):
+        raise MedgenError(f"{path}: the run was trained on other data (fingerprint {extra['data_fingerprint']}, "
+                          f"now {fingerprint}); resume with the same --data or start a new --out")
+    old, new = _flatten(to_plain(ckpt.get("config") or {})), _flatten(to_plain(cfg_dict))
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+    if old and diff:
+        raise MedgenError(f"{path}: the run was started with a different config ({', '.join(diff[:4])}"
+                          f"{' ...' if len(diff) > 4 else ''} differ); resume with the same config or start a new --out")
 
 
 class BatchOrder:
@@ -73,14 +115,16 @@ class TrainState:
             augmentation: seed + 2).
         total_iterations: planned length of the run (for schedules).
         rank, world: this process in a data-parallel run.
+        fingerprint: data_fingerprint of the training data (recorded in checkpoints; resume checks it).
     """
 
     def __init__(self, model_name: str, model: nn.Module, kwargs: dict[str, Any], step_kwargs: dict[str, Any],
                  step: Step, *, lr: float, ema_decay: float, precision: Precision, device: torch.device,
                  n_items: int, batch_size: int, seed: int, total_iterations: int, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, fingerprint: str = "") -> None:
         self.model_name, self.model, self.kwargs, self.step_kwargs, self.step = model_name, model, kwargs, step_kwargs, step
         self.device, self.precision, self.rank, self.world = device, precision, rank, world
+        self.seed, self.fingerprint = seed, fingerprint
         self.optimizers = step.optimizers(model, lr)
         self.scalers = {name: precision.make_scaler() for name in self.optimizers}
         self.ema = EMA(model, ema_decay) if ema_decay > 0 else None
@@ -120,11 +164,22 @@ class TrainState:
         if bad:
             kind = "NaN" if math.isnan(values[bad[0]]) else "infinite"
             where = str(good_checkpoint) if good_checkpoint is not None else "none (no checkpoint written yet)"
-            raise MedgenError(f"loss {bad[0]} became {kind} at iteration {it + 1}; last good checkpoint: {where}")
+            what = bad[0] if "loss" in bad[0] else f"loss {bad[0]}"
+            raise MedgenError(f"{what} became {kind} at iteration {it + 1}; last good checkpoint: {where} "
+                              "(lower train.lr?)")
         if self.ema is not None:
             self.ema.update(self.model)
         self.iteration = it + 1
         return values
+
+    def check_finite_weights(self, good_checkpoint: Any) -> None:
+        """Stop with one line when the weights (or their EMA) hold NaN/Inf, naming the last good checkpoint."""
+        bad = nonfinite_weights({"model": self.model.state_dict(),
+                                 "ema": self.ema.state_dict() if self.ema is not None else None})
+        if bad:
+            where = str(good_checkpoint) if good_checkpoint is not None else "none (no checkpoint written yet)"
+            raise MedgenError(f"the weights became non-finite by iteration {self.iteration} ({len(bad)} tensors, "
+                              f"e.g. {bad[0]}; lower train.lr?); last good checkpoint: {where}")
 
     def rng_state(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state(), "step": self.step_gen.get_state().cpu(),
@@ -147,7 +202,8 @@ class TrainState:
             model_name=self.model_name, kwargs=self.kwargs, step_kwargs=self.step_kwargs,
             class_names=data.class_names, affine=data.affine, normalisation=data.normalisation,
             state=self.state_dict(), step=self.iteration, rng=self.rng_state(), config=config,
-            extra={"seconds": seconds, "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+            extra={"seconds": seconds, "data_fingerprint": self.fingerprint, "seed": self.seed,
+                   "ema_updates": self.ema.num_updates if self.ema is not None else 0,
                    "best_value": self.best_value if math.isfinite(self.best_value) else None},
         )
 

@@ -45,7 +45,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = ph.generate_cohort(tmp_path / "b", n=4, seed=5, size=SMALL)
     c = ph.generate_cohort(tmp_path / "c", n=4, seed=6, size=SMALL)
     da, db, dc = _digest(a), _digest(b), _digest(c)
-    assert len(da) == 3 + 2 * 4
+    assert len(da) == 3 + 2 * 4 + 1  # + the .medgen marker
     assert da == db
     images = [k for k in da if k.endswith("_T1w.nii.gz")]
     assert all(da[k] != dc[k] for k in images)
@@ -193,6 +193,28 @@ def test_ensure_cohort_reuses_cache(tmp_path):
     assert (a / "datalist.json").stat().st_mtime_ns == stamp
     b = ph.ensure_cohort(tmp_path, n=3, seed=3, effect_scale=1.0, size=SMALL)
     assert b != a and ph.read_parameters(b)["seed"] == 3
+
+
+def test_ensure_cohort_reuses_and_regenerates_a_cache_from_before_the_marker(tmp_path):
+    """Cohorts cached before output folders carried .medgen are medgen's own (they hold its phantom.json)."""
+    a = ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL)
+    (a / ".medgen").unlink()
+    stamp = (a / "datalist.json").stat().st_mtime_ns
+    assert ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL) == a  # reused as it is
+    assert (a / "datalist.json").stat().st_mtime_ns == stamp
+    meta = json.loads((a / "phantom.json").read_text())
+    (a / "phantom.json").write_text(json.dumps({**meta, "version": "0"}))  # an older generator's cohort
+    assert ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL) == a  # regenerated, not refused
+    assert ph.read_parameters(a)["seed"] == 2 and (a / ".medgen").is_file()
+
+
+def test_ensure_cohort_refuses_a_foreign_folder_in_the_cache(tmp_path):
+    folder = tmp_path / f"phantom-n3-seed2-es1-s{SMALL}"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("x")
+    with pytest.raises(MedgenError, match="not written by medgen"):
+        ph.ensure_cohort(tmp_path, n=3, seed=2, size=SMALL)
+    assert (folder / "precious.txt").is_file()
 
 
 def test_ensure_cohort_concurrent_callers_generate_once(tmp_path, monkeypatch):

@@ -77,7 +77,7 @@ def test_write_is_deterministic_and_loads(tmp_path):
     S.write_scenes(tmp_path / "b", n=3, seed=7, frames=2, size=32)
     assert a["images"] == 6
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 6 * 2 + 2
+    assert len(files) == 6 * 2 + 2 + 1  # + the .medgen marker
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     ds = S.load_scene_dataset(tmp_path / "a")

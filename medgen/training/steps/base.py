@@ -1,4 +1,4 @@
-"""The Step protocol and its registry: Batch, StepContext, Step, register_step, create_step.
+"""The Step protocol and its registry: Batch, StepContext, Step, register_step, step_class, create_step.
 
 One Step per model: the model-specific part of an iteration; the loop (training/loop.py) does the rest.
 
@@ -115,17 +115,29 @@ def register_step(model: str | type[nn.Module]) -> Callable[[type[Step]], type[S
     return deco
 
 
-def create_step(name: str, **kwargs: Any) -> Step:
-    """Build the Step for model `name` from its hyper-parameters (config `steps.<name>`)."""
+def step_class(name: str) -> type[Step] | None:
+    """The Step class registered for model `name`, or None (importing medgen.training.steps registers all)."""
+    return _STEPS.get(name)
+
+
+def check_step_kwargs(name: str, kwargs: dict[str, Any], what: str | None = None) -> type[Step]:
+    """The Step class for model `name` after checking `kwargs` against its fields; `what` names the
+    config section in errors (default `steps.<name>`)."""
+    what = what or f"steps.{name}"
     get_model_class(name)  # an unknown model name -> the registry's did-you-mean error
     if name not in _STEPS:
-        raise MedgenError(f"no training step for model {name!r}; known: {', '.join(sorted(_STEPS))}")
+        raise MedgenError(f"{what}: no training step for model {name!r}; known: {', '.join(sorted(_STEPS))}")
     cls = _STEPS[name]
     names = [f.name for f in dataclasses.fields(cls)]
     for key in kwargs:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (takes: {', '.join(names)})"
-            raise MedgenError(f"steps.{name}: unknown key {key!r}{hint}")
-    check_kwargs(cls.__init__, kwargs, f"steps.{name}")
-    return cls(**kwargs)
+            raise MedgenError(f"{what}: unknown key {key!r}{hint}")
+    check_kwargs(cls.__init__, kwargs, what)
+    return cls
+
+
+def create_step(name: str, **kwargs: Any) -> Step:
+    """Build the Step for model `name` from its hyper-parameters (config `steps.<name>`)."""
+    return check_step_kwargs(name, kwargs)(**kwargs)
