@@ -96,10 +96,10 @@ def test_synth_and_evaluate(tiny, config, tmp_path):
 
 
 def test_errors_are_one_line(tiny, tmp_path):
-    r = invoke("train", "nosuch", "--data", tiny, "--out", tmp_path / "r")
-    assert r.exit_code == 1 and "unknown model" in r.output and "Traceback" not in r.output
-    r = invoke("train", "classifier", "--data", tiny, "--out", tmp_path / "r")
-    assert r.exit_code == 1 and "cv-evaluate" in r.output
+    r = invoke("train", "nosuch", "--data", tiny, "--out", tmp_path / "r")  # a usage error: exit 2
+    assert r.exit_code == 2 and "nosuch" in r.output and "alpha-gan" in r.output and "Traceback" not in r.output
+    r = invoke("train", "classifier", "--data", tiny, "--out", tmp_path / "r")  # trained by cv-evaluate
+    assert r.exit_code == 2 and "classifier" in r.output
     (tmp_path / "evil.pt").write_bytes(b"garbage")
     r = invoke("synth", "--checkpoint", tmp_path / "evil.pt", "--out", tmp_path / "s", "--n", 1)
     assert r.exit_code == 1 and "corrupt" in r.output
