@@ -1,7 +1,8 @@
 """Shared CLI pieces: option types, the error wrapper, stdout/stderr helpers.
 
-Only typer and the standard library are imported here so that `medgen --help` stays fast; each
-command imports the medgen library inside its function body.
+Only typer, the standard library and medgen.config (no torch) are imported here so that `medgen --help`
+stays fast; each command imports the rest of the library inside its function body. Options whose
+default comes from the config show the built-in config's value (`config_default`).
 """
 
 from __future__ import annotations
@@ -14,38 +15,66 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
+from medgen.config import PRECISION_NAMES, PRESETS, Config
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+_DEFAULTS = Config()
+
+
+def config_default(key: str) -> str:
+    """The default shown in --help for an option the config provides: the built-in config's value
+    (a --config file or preset may set another), e.g. "config train.iterations = 1000"."""
+    value: Any = _DEFAULTS
+    for part in key.split("."):
+        value = getattr(value, part)
+    shown = (",".join(map(str, value)) if isinstance(value, list) else "none" if value is None
+             else str(value).lower() if isinstance(value, bool) else value)
+    return f"config {key} = {shown}"
+
+
+# The generative models `medgen train` takes: the registry's list (models/registry.py), spelled out here
+# so that --help can show them without importing torch; tests/cli/test_cli_habits.py checks they agree.
+GenerativeModel = Literal["vae", "gan", "alpha-gan", "parallel-vae"]
+Precision = Literal[PRECISION_NAMES]  # auto, fp32, tf32, bf16, fp16 (medgen.config)
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="YAML config file or preset name (smoke, quick, paper)."),
+    typer.Option("--config", "-c", help=f"YAML config file or preset name ({', '.join(PRESETS)}).",
+                 show_default="built-in defaults"),
 ]
 SeedOpt = Annotated[
-    int | None, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed (overrides the config).")
+    int | None, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed (overrides the config).",
+                             show_default=config_default("seed"))
 ]
 DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="auto, cpu or cuda (overrides the config).")
+    str | None, typer.Option("--device", metavar="auto|cpu|cuda[:N]", help="Where to run (overrides the config).",
+                             show_default=f"{_DEFAULTS.device}, or the config's device")
 ]
 DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
         help="A `medgen phantom` folder, a MONAI datalist JSON, a CSV/TSV table, or a `medgen scenes` folder.",
+        show_default="config data.path, else the built-in phantom cohort",
     ),
 ]
 ImageColumnOpt = Annotated[
-    str | None, typer.Option("--image-column", help="Table column holding image paths (default: image).")
+    str | None, typer.Option("--image-column", help="Table column holding image paths.",
+                             show_default=config_default("data.image_column"))
 ]
 LabelColumnOpt = Annotated[
-    str | None, typer.Option("--label-column", help="Table column holding class labels (default: label).")
+    str | None, typer.Option("--label-column", help="Table column holding class labels.",
+                             show_default=config_default("data.label_column"))
 ]
 GroupColumnOpt = Annotated[
     str | None,
-    typer.Option("--group-column", help="Table column holding the subject id for repeated scans."),
+    typer.Option("--group-column", help="Table column holding the subject id for repeated scans.",
+                 show_default="config data.group_column = none: one subject per row"),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]

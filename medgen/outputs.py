@@ -320,9 +320,7 @@ def staged_dir(path: str | os.PathLike, overwrite: bool = False,
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         except OSError as e:
             raise MedgenError(describe_os_error(e, default_path=out.parent)) from e
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder should get the usual mode
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the final folder should get the usual mode
         try:
             yield tmp
             write_marker(tmp, command)
@@ -364,8 +362,25 @@ def _keep_and_refuse(tmp: Path, out: Path) -> None:
                       f"this run's output is in {kept}")
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call `write(file)` on a temp file in the target folder, fsync, then os.replace onto `path`.
+
+    The file gets the mode an ordinary open() would give it (0666 less the umask: 0644 under umask 022),
+    not mkstemp's private 0600, so that other users can read a run's datalist, config or checkpoints.
 
     A failed write (disk full, read-only folder, ...) removes the temp file and raises a MedgenError
     naming `path`.
@@ -381,6 +396,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

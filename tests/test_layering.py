@@ -26,7 +26,7 @@ RULES = [
     ("medgen.viz", ["medgen.models", "medgen.training", "medgen.pipelines", "medgen.evaluation", "medgen.cli"]),
     ("medgen.pipelines", ["medgen.cli"]),
 ]
-CORE = ["medgen.config", "medgen.errors", "medgen.console", "medgen.runtime", "medgen.outputs",
+CORE = ["medgen.config", "medgen.errors", "medgen.console", "medgen.runtime", "medgen.outputs", "medgen.bids",
         "medgen.geometry", "medgen.losses"]
 
 

@@ -32,15 +32,19 @@ def cv_evaluate(
     config: cli.ConfigOpt = None,
     data: cli.DataOpt = None,
     models: Annotated[
-        str | None, typer.Option("--models", help="Generators to compare, comma-separated (e.g. vae,gan,alpha-gan).")
+        str | None, typer.Option("--models", help="Generators to compare, comma-separated.",
+                                 show_default=cli.config_default("cv.models"))
     ] = None,
     fractions: Annotated[
-        str | None, typer.Option("--fractions", help="Synthetic shares of the training set, e.g. 0.33,0.5.")
+        str | None, typer.Option("--fractions", help="Synthetic shares of the training set, comma-separated.",
+                                 show_default=cli.config_default("cv.fractions"))
     ] = None,
-    folds: Annotated[int | None, typer.Option("--folds", min=2, help="Cross-validation folds.")] = None,
+    folds: Annotated[int | None, typer.Option("--folds", min=2, help="Cross-validation folds.",
+                                              show_default=cli.config_default("cv.folds"))] = None,
     seed: cli.SeedOpt = None,
     fold: Annotated[
-        int | None, typer.Option("--fold", min=0, help="Run only this fold (0-based); jobs share --out, then merge.")
+        int | None, typer.Option("--fold", min=0, help="Run only this fold (0-based); jobs share --out, then merge.",
+                                 show_default="all folds")
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted run: finished folds and arms are skipped.")

@@ -21,7 +21,8 @@ def data_check(
     label_column: cli.LabelColumnOpt = None,
     group_column: cli.GroupColumnOpt = None,
     folds: Annotated[
-        int | None, typer.Option("--folds", min=2, help="Also check every class has this many subjects.")
+        int | None, typer.Option("--folds", min=2, help="Also check every class has this many subjects.",
+                                 show_default="no check")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:

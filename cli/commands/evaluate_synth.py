@@ -18,8 +18,10 @@ def register(app: typer.Typer) -> None:
 def evaluate_synth(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file or a `medgen train` run folder.")],
     data: cli.DataOpt = None,
-    n: Annotated[int | None, typer.Option("--n", min=1, max=100_000, help="Synthetic volumes per class (default: as many as real).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result to this JSON file.")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, max=100_000, help="Synthetic volumes per class.",
+                                                show_default="as many as real")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result to this JSON file.",
+                                                   show_default="stdout only")] = None,
     pairs: Annotated[int, typer.Option("--pairs", min=1, help="Random pairs per set for MS-SSIM.")] = 20,
     classifier_iterations: Annotated[
         int, typer.Option("--classifier-iterations", min=1, help="Training iterations of the feature classifier.")

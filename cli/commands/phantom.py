@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from medgen.cli.common import ConfigOpt, OutOpt, OverwriteOpt, SeedOpt, echo_json, handle_errors, load_config
+from medgen.cli.common import (
+    ConfigOpt,
+    OutOpt,
+    OverwriteOpt,
+    config_default,
+    echo_json,
+    handle_errors,
+    load_config,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,14 +27,20 @@ def register(app: typer.Typer) -> None:
 def phantom(
     out: OutOpt,
     n: Annotated[
-        int | None, typer.Option("--n", help="Number of subjects, balanced CN/MCI/AD (default 360).")
+        int | None, typer.Option("--n", help="Number of subjects, balanced CN/MCI/AD.",
+                                 show_default=config_default("phantom.n"))
     ] = None,
-    seed: SeedOpt = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", min=0, max=2**32 - 1, help="Cohort seed (overrides the config).",
+                                 show_default=config_default("phantom.seed"))
+    ] = None,
     effect_scale: Annotated[
-        float | None, typer.Option("--effect-scale", help="Multiplies the class mean effects (default 1.0).")
+        float | None, typer.Option("--effect-scale", help="Multiplies the class mean effects (0: no differences).",
+                                   show_default=config_default("phantom.effect_scale"))
     ] = None,
     size: Annotated[
-        int | None, typer.Option("--size", help="Voxels per side; 64 gives 3 mm voxels (default 64).")
+        int | None, typer.Option("--size", help="Voxels per side; 64 gives 3 mm voxels.",
+                                 show_default=config_default("phantom.size"))
     ] = None,
     overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,

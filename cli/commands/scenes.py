@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from medgen.cli.common import OutOpt, OverwriteOpt, echo_json, handle_errors
+
+# medgen.data.scenes.SPLITS, spelled out so that --help needs no numpy (a test checks they agree)
+SceneSplit = Literal["train", "test", "same-colour", "more-objects"]
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +21,7 @@ def scenes(
     out: OutOpt,
     n: Annotated[int, typer.Option("--n", min=1, help="Number of scenes.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed; scene i is the same for any --n.")] = 0,
-    split: Annotated[str, typer.Option("--split", help="train | test | same-colour | more-objects.")] = "train",
+    split: Annotated[SceneSplit, typer.Option("--split", help="Which split's distribution to draw from.")] = "train",
     frames: Annotated[int, typer.Option("--frames", min=1, help="Frames per scene (a camera orbit).")] = 1,
     size: Annotated[int, typer.Option("--size", help="Image size in pixels.")] = 128,
     overwrite: OverwriteOpt = False,

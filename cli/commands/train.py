@@ -17,19 +17,23 @@ def register(app: typer.Typer) -> None:
 
 @cli.handle_errors
 def train(
-    model: Annotated[str, typer.Argument(help="A registered generative model (`medgen info` lists them).")],
+    model: Annotated[cli.GenerativeModel, typer.Argument(help="The generative model to train.")],
     out: cli.OutOpt,
     data: cli.DataOpt = None,
     config: cli.ConfigOpt = None,
-    iterations: Annotated[int | None, typer.Option("--iterations", min=1, help="Training iterations.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size.")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", min=1, help="Training iterations.",
+                                                   show_default=cli.config_default("train.iterations"))] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size.",
+                                                   show_default=cli.config_default("train.batch_size"))] = None,
     seed: cli.SeedOpt = None,
     device: cli.DeviceOpt = None,
     precision: Annotated[
-        str | None, typer.Option("--precision", help="auto, fp32, tf32, bf16 or fp16.")
+        cli.Precision | None, typer.Option("--precision", help="Numeric precision (auto: the fastest measured on "
+                                           "the device).", show_default=cli.config_default("train.precision"))
     ] = None,
     compile_: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoder/generator forwards.")
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoder/generator forwards.",
+                                  show_default=cli.config_default("train.compile"))
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/last.pt.")] = False,
     overwrite: cli.OverwriteOpt = False,
@@ -39,20 +43,17 @@ def train(
 ) -> None:
     """Train MODEL on DATA (default: the built-in phantom cohort); RUN gets checkpoints, log, montages, config."""
     from medgen.data import load_config_data
-    from medgen.errors import MedgenError
-    from medgen.models.registry import get_model_class, list_models
     from medgen.outputs import check_output_dir, output_lock
+    from medgen.runtime import resolve_device, resolve_precision
     from medgen.training.loop import fit
     from medgen.training.preflight import preflight_train
 
-    get_model_class(model)  # unknown name -> clear error before any data is read
-    if model not in list_models(generative=True):
-        raise MedgenError(f"the {model} is trained by `medgen cv-evaluate`; train takes a generative model "
-                          f"({', '.join(list_models(generative=True))})")
     cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, train__iterations=iterations, train__batch_size=batch_size,
                   train__precision=precision, train__compile=compile_)
+    # everything the options alone decide is checked before any volume is read
+    resolve_precision(cfg.train.precision, resolve_device(cfg.device))
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 owns the run folder
     if rank0:

@@ -33,13 +33,18 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent first use may generate twice
     fcntl = None
 
+from medgen.bids import write_bidsignore, write_dataset_description, write_participants, write_readme
 from medgen.console import log, track
 from medgen.data.anatomy import Atlas, load_atlas
 from medgen.data.dataset import DEFAULT_CLASS_NAMES
 from medgen.errors import MedgenError
 from medgen.outputs import has_marker, staged_dir, write_marker
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: a BIDS raw dataset (participant_id, tissue maps under derivatives/)
+
+# Where the tissue label maps go: a BIDS derivative dataset inside the cohort folder.
+TISSUE_DERIVATIVE = "derivatives/tissue"
+TISSUE_LABELS = {"0": "background", "1": "CSF", "2": "GM", "3": "WM"}
 
 # Age distribution per class: (mean, sd) in years, clipped to AGE_RANGE.
 AGE = {"CN": (77.0, 5.0), "MCI": (76.0, 7.0), "AD": (76.5, 7.5)}
@@ -422,8 +427,8 @@ def _render(atlas: Atlas, job: tuple[int, str, int, int, float]) -> tuple[str, b
     params = draw_subject(rng, sid, label, effect_scale)
     subj = make_subject(atlas, params, rng)
     item = {"image": f"{sid}/anat/{sid}_T1w.nii.gz", "label": params.label, "subject": sid,
-            "tissue": f"{sid}/anat/{sid}_dseg.nii.gz"}
-    row = {"subject_id": sid, "label": DEFAULT_CLASS_NAMES[params.label], "age": f"{params.age:.1f}", "sex": params.sex}
+            "tissue": f"{TISSUE_DERIVATIVE}/{sid}/anat/{sid}_dseg.nii.gz"}
+    row = {"participant_id": sid, "label": DEFAULT_CLASS_NAMES[params.label], "age": f"{params.age:.1f}", "sex": params.sex}
     row.update({k: f"{subj.volumes[k]:.4f}" for k in VOLUME_COLUMNS})
     row["head_scale"] = f"{params.head_scale:.4f}"
     row.update({f"log_effect_{k}": f"{v:.4f}" for k, v in params.effects.items()})
@@ -495,11 +500,13 @@ def generate_cohort(
     out = Path(out)
     with staged_dir(out, overwrite=overwrite, command="phantom") as tmp:
         jobs = [(i, f"sub-{i + 1:0{width}d}", labels[i], seed, effect_scale) for i in range(n)]
+        tissue_root = tmp / TISSUE_DERIVATIVE
         for sid, t1, dseg, item, row in track(_render_all(atlas, jobs, workers), "phantom", total=n):
             anat = tmp / sid / "anat"
             anat.mkdir(parents=True)
             (anat / f"{sid}_T1w.nii.gz").write_bytes(t1)
-            (anat / f"{sid}_dseg.nii.gz").write_bytes(dseg)
+            (tissue_root / sid / "anat").mkdir(parents=True)
+            (tissue_root / sid / "anat" / f"{sid}_dseg.nii.gz").write_bytes(dseg)
             training.append(item)
             rows.append(row)
 
@@ -512,9 +519,7 @@ def generate_cohort(
             "training": training,
         }
         (tmp / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n")
-        header = list(rows[0])
-        lines = ["\t".join(header)] + ["\t".join(r[h] for h in header) for r in rows]
-        (tmp / "participants.tsv").write_text("\n".join(lines) + "\n")
+        _write_bids_files(tmp, rows, n=n, seed=seed, effect_scale=effect_scale, size=size)
         meta = {
             "generator": "medgen.data.phantom",
             "version": GENERATOR_VERSION,
@@ -523,7 +528,8 @@ def generate_cohort(
             "subjects_per_class": {c: labels.count(i) for i, c in enumerate(DEFAULT_CLASS_NAMES)},
             "spacing_mm": atlas.spacing,
             "affine": atlas.affine.tolist(),
-            "tissue_labels": {"0": "background", "1": "CSF", "2": "GM", "3": "WM"},
+            "tissue_labels": TISSUE_LABELS,
+            "tissue_maps": TISSUE_DERIVATIVE,
             "effects_log_volume": {k: {"MCI": v[0], "AD": v[1], "sd": v[2]} for k, v in EFFECTS.items()},
             "age_slopes_log_per_year": AGE_SLOPES,
             "template": "MNI152 2009 (nilearn bundled), brain mask and GM/WM probability maps at 2 mm",
@@ -531,6 +537,42 @@ def generate_cohort(
         (tmp / "phantom.json").write_text(json.dumps(meta, indent=2) + "\n")
     log(f"phantom: {n} subjects in {time.perf_counter() - start:.1f} s -> {out}")
     return out
+
+
+PARTICIPANT_COLUMNS = {
+    "label": {"Description": "diagnostic group (the class label)",
+              "Levels": {"CN": "cognitively normal", "MCI": "mild cognitive impairment", "AD": "Alzheimer's disease"}},
+    "age": {"Description": "age at scan", "Units": "year"},
+    "sex": {"Description": "sex", "Levels": {"M": "male", "F": "female"}},
+    "head_scale": "linear head size relative to the template",
+    "min_jacobian": "smallest Jacobian determinant of the subject's deformation (> 0: no folding)",
+    **{k: {"Description": f"ground-truth {k[:-3].replace('_', ' ')} volume", "Units": "ml"} for k in VOLUME_COLUMNS},
+    **{f"log_effect_{k}": f"log-volume change applied to {k} (class + age + individual)" for k in EFFECTS},
+}
+
+
+def _write_bids_files(tmp: Path, rows: list[dict], *, n: int, seed: int, effect_scale: float, size: int) -> None:
+    """The BIDS side of a cohort folder: a raw dataset (dataset_description.json, participants.tsv/.json,
+    README, .bidsignore for datalist.json and phantom.json) holding a derivative with the tissue maps."""
+    what = f"medgen phantom n={n} seed={seed} effect_scale={float(effect_scale):g} size={size}"
+    write_dataset_description(tmp, "medgen phantom dementia cohort", dataset_type="raw", generated=what,
+                              License="CC0")
+    write_participants(tmp, rows, PARTICIPANT_COLUMNS)
+    write_readme(tmp, f"""\
+medgen phantom cohort: procedural CN / MCI / AD T1-weighted volumes built from the MNI152 2009 template
+({what}). Not real subjects.
+
+datalist.json is a MONAI datalist of the volumes (image, label, subject, tissue); phantom.json records the
+generator parameters. The tissue label maps (0 background, 1 CSF, 2 GM, 3 WM) are a BIDS derivative
+in {TISSUE_DERIVATIVE}/.""")
+    write_bidsignore(tmp, ["datalist.json", "phantom.json"])
+    deriv = tmp / TISSUE_DERIVATIVE
+    write_dataset_description(deriv, "medgen phantom tissue maps", dataset_type="derivative",
+                              generated=f"tissue label maps of the {what}",
+                              source_datasets=[{"URL": "bids:raw:"}], DatasetLinks={"raw": "../../"})
+    write_readme(deriv, "Tissue label maps of the medgen phantom cohort: 0 background, 1 CSF, 2 GM, 3 WM.")
+    lut = ["index\tname"] + [f"{k}\t{v}" for k, v in TISSUE_LABELS.items() if k != "0"]
+    (deriv / "dseg.tsv").write_text("\n".join(lut) + "\n")
 
 
 def read_parameters(folder: str | Path) -> dict | None:

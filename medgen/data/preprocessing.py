@@ -11,6 +11,7 @@ Tissue maps, when present, follow the same spatial steps with nearest-neighbour 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,18 @@ from medgen.errors import MedgenError
 from medgen.geometry import training_affine, training_spacing
 
 
-def normalisation_record(size: int, spacing: float) -> dict[str, Any]:
-    """How raw intensities and geometry were mapped (stored in ImageSet.normalisation and checkpoints)."""
-    return {
+def normalisation_record(size: int, spacing: float, ranges: Sequence[tuple[float, float]] = (),
+                         header: dict[str, int] | None = None) -> dict[str, Any]:
+    """How raw intensities and geometry were mapped (stored in ImageSet.normalisation and checkpoints).
+
+    Args:
+        size, spacing: the training grid.
+        ranges: each volume's (low, high) intensity percentiles, mapped to [-1, 1]; their medians are
+            recorded as "source_range", the intensity scale of the data (synth writes volumes back in it).
+        header: the NIfTI header codes of the data (sform_code, qform_code, xyzt_units) that volumes
+            written in the training space carry.
+    """
+    record: dict[str, Any] = {
         "method": "ScaleIntensityRangePercentiles",
         "percentiles": list(PERCENTILES),
         "range": list(INTENSITY_RANGE),
@@ -37,6 +47,42 @@ def normalisation_record(size: int, spacing: float) -> dict[str, Any]:
         "crop": "foreground, only when larger than the grid",
         "pad_value": INTENSITY_RANGE[0],
     }
+    if ranges:
+        lows, highs = np.asarray([r[0] for r in ranges]), np.asarray([r[1] for r in ranges])
+        record["source_range"] = [float(np.median(lows)), float(np.median(highs))]
+        record["source_range_statistic"] = "median over the volumes of each volume's percentiles"
+    if header:
+        record["nifti"] = dict(header)
+    return record
+
+
+def source_header(meta: dict[str, Any] | None) -> dict[str, int]:
+    """sform_code, qform_code and xyzt_units of a loaded NIfTI (MONAI's meta dict); {} for other formats."""
+    out = {}
+    for key in ("sform_code", "qform_code", "xyzt_units"):
+        value = (meta or {}).get(key)
+        try:
+            out[key] = int(np.asarray(value).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError):
+            return {}
+    return out
+
+
+def common_header(headers: Sequence[dict[str, int]], own_affine: bool) -> dict[str, int]:
+    """The header codes a set's training-space volumes carry: the most common ones of its files.
+
+    When the set was re-centred (not the files' own affine) the grid is aligned, not scanner space: code 2.
+    Codes 0 and 0 (no orientation recorded) become 1, so that readers use the affine that is written.
+    """
+    counts = Counter(tuple(sorted(h.items())) for h in headers if h)
+    if not counts:
+        return {}
+    out = dict(counts.most_common(1)[0][0])
+    if not own_affine:
+        out["sform_code"] = out["qform_code"] = 2
+    if out["sform_code"] == 0 and out["qform_code"] == 0:
+        out["sform_code"] = out["qform_code"] = 1
+    return out
 
 
 def _robust_range(x: torch.Tensor) -> tuple[float, float]:
@@ -99,7 +145,7 @@ class Preprocessor:
             lo, hi = float(data["image"].min()), float(data["image"].max())
         scaler = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=INTENSITY_RANGE[0], b_max=INTENSITY_RANGE[1],
                                      clip=True)
-        return {**data, "image": scaler(data["image"])}
+        return {**data, "image": scaler(data["image"]), "source_range": (lo, hi)}
 
     def read(self, path: str, key: str = "image") -> torch.Tensor:
         """Load one file as a validated 3D MetaTensor (MedgenError naming the file otherwise)."""
@@ -125,11 +171,13 @@ class Preprocessor:
         """Preprocess one record.
 
         Returns:
-            dict with "image" [1, S, S, S] float32 in [-1, 1], "affine" (4x4 numpy) and, when the record
-            has a tissue map, "tissue" [1, S, S, S] int64.
+            dict with "image" [1, S, S, S] float32 in [-1, 1], "affine" (4x4 numpy), "source_range" (the
+            intensities mapped to -1 and 1), "header" (the file's NIfTI codes, see source_header) and, when
+            the record has a tissue map, "tissue" [1, S, S, S] int64.
         """
         keys = ("image", "tissue") if record.get("tissue") else ("image",)
         data = {k: self.read(record[k], k) for k in keys}
+        header = source_header(getattr(data["image"], "meta", None))
         for k in keys[1:]:
             if tuple(data[k].shape) != tuple(data["image"].shape):
                 raise MedgenError(f"{record[k]}: shape {tuple(data[k].shape)} differs from its image "
@@ -152,6 +200,8 @@ class Preprocessor:
         out = {
             "image": image.as_tensor().float() if hasattr(image, "as_tensor") else image.float(),
             "affine": np.asarray(image.affine, dtype=np.float64) if hasattr(image, "affine") else None,
+            "source_range": data["source_range"],
+            "header": header,
         }
         if "tissue" in data:
             t = data["tissue"]
@@ -178,7 +228,7 @@ def preprocess_records(
     """
     prep = Preprocessor(size=size, spacing=spacing)
     spacing = prep.spacing
-    images, tissues, affines = [], [], []
+    images, tissues, affines, ranges, headers = [], [], [], [], []
     threads = torch.get_num_threads()
     # Per-volume ops are small: one thread is faster than several (thread wake-up dominates, badly so on a
     # busy machine: 35x measured on 2 shared cores).
@@ -188,6 +238,8 @@ def preprocess_records(
             out = prep(rec)
             images.append(out["image"])
             affines.append(out["affine"])
+            ranges.append(out["source_range"])
+            headers.append(out["header"])
             if "tissue" in out:
                 tissues.append(out["tissue"])
     finally:
@@ -195,10 +247,8 @@ def preprocess_records(
     # One affine for the set: the images' own when they all agree (data already in training space, e.g. the
     # phantom), else the canonical centred RAS grid (each volume was centred on its foreground).
     first = affines[0]
-    if first is not None and all(a is not None and np.allclose(a, first, atol=1e-4) for a in affines):
-        affine = first
-    else:
-        affine = training_affine(size, spacing)
+    own = first is not None and all(a is not None and np.allclose(a, first, atol=1e-4) for a in affines)
+    affine = first if own else training_affine(size, spacing)
     extras: dict[str, Any] = {}
     if tissues and len(tissues) == len(images):
         extras["tissue"] = torch.stack(tissues)  # [N, 1, S, S, S] int64
@@ -208,7 +258,7 @@ def preprocess_records(
         subjects=[str(r["subject"]) for r in records],
         class_names=list(class_names),
         affine=affine,
-        normalisation=normalisation_record(size, spacing),
+        normalisation=normalisation_record(size, spacing, ranges, common_header(headers, own)),
         sources=[str(r["image"]) for r in records],
         extras=extras,
     )

@@ -49,7 +49,17 @@ def load_dataset(
         return load_scene_dataset(Path(spec))
     data = read_datalist(spec, image_column=image_column, label_column=label_column,
                          group_column=group_column, class_names=class_names)
-    return preprocess_records(data.records, data.class_names, size=size, spacing=spacing)
+    images = preprocess_records(data.records, data.class_names, size=size, spacing=spacing)
+    images.normalisation["source_dataset"] = source_dataset(spec)
+    return images
+
+
+def source_dataset(spec: str | Path) -> dict[str, Any]:
+    """Where a dataset came from, as recorded with its normalisation (synth names it in SourceDatasets):
+    the file URI of the folder or file, and whether it is a `medgen phantom` cohort (brain-extracted)."""
+    path = Path(spec).expanduser().resolve()
+    folder = path if path.is_dir() else path.parent
+    return {"uri": path.as_uri(), "phantom": (folder / "phantom.json").is_file()}
 
 
 def default_cache_dir() -> Path:

@@ -84,6 +84,10 @@ def test_synth_and_evaluate(tiny, config, tmp_path):
     vol = nib.load(tmp_path / "syn" / dl["training"][0]["image"])
     assert vol.shape == (16, 16, 16)
     assert not np.allclose(vol.affine, np.eye(4))
+    real = nib.load(tiny.parent / "s0.nii.gz").header  # nibabel's defaults: sform 2 (aligned), qform 0, no units
+    assert (int(vol.header["sform_code"]), int(vol.header["qform_code"])) == (int(real["sform_code"]),
+                                                                          int(real["qform_code"])) == (2, 0)
+    assert vol.header.get_xyzt_units()[0] == "mm"  # the affine is in mm even where the data did not say so
     r = invoke("synth", "--checkpoint", run, "--out", tmp_path / "bad", "--n", 3, "--class", "XX")
     assert r.exit_code == 1 and "unknown class 'XX'" in r.output and not (tmp_path / "bad").exists()
     r = invoke("evaluate-synth", "--checkpoint", run, "--data", tiny, "--config", config, "--n", 2, "--pairs", 1,
@@ -96,10 +100,10 @@ def test_synth_and_evaluate(tiny, config, tmp_path):
 
 
 def test_errors_are_one_line(tiny, tmp_path):
-    r = invoke("train", "nosuch", "--data", tiny, "--out", tmp_path / "r")
-    assert r.exit_code == 1 and "unknown model" in r.output and "Traceback" not in r.output
-    r = invoke("train", "classifier", "--data", tiny, "--out", tmp_path / "r")
-    assert r.exit_code == 1 and "cv-evaluate" in r.output
+    r = invoke("train", "nosuch", "--data", tiny, "--out", tmp_path / "r")  # a usage error: exit 2
+    assert r.exit_code == 2 and "nosuch" in r.output and "alpha-gan" in r.output and "Traceback" not in r.output
+    r = invoke("train", "classifier", "--data", tiny, "--out", tmp_path / "r")  # trained by cv-evaluate
+    assert r.exit_code == 2 and "classifier" in r.output
     (tmp_path / "evil.pt").write_bytes(b"garbage")
     r = invoke("synth", "--checkpoint", tmp_path / "evil.pt", "--out", tmp_path / "s", "--n", 1)
     assert r.exit_code == 1 and "corrupt" in r.output

@@ -45,7 +45,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = ph.generate_cohort(tmp_path / "b", n=4, seed=5, size=SMALL)
     c = ph.generate_cohort(tmp_path / "c", n=4, seed=6, size=SMALL)
     da, db, dc = _digest(a), _digest(b), _digest(c)
-    assert len(da) == 3 + 2 * 4 + 1  # + the .medgen marker
+    # root: datalist, phantom.json, BIDS files (description, participants tsv/json, README, .bidsignore),
+    # the .medgen marker; derivatives/tissue: description, README, dseg.tsv; two volumes per subject
+    assert len(da) == 8 + 3 + 2 * 4
     assert da == db
     images = [k for k in da if k.endswith("_T1w.nii.gz")]
     assert all(da[k] != dc[k] for k in images)
@@ -67,9 +69,11 @@ def test_folder_format(cohort):
     first = datalist["training"][0]
     assert (cohort / first["image"]).is_file() and (cohort / first["tissue"]).is_file()
     assert first["image"] == f"{first['subject']}/anat/{first['subject']}_T1w.nii.gz"
+    assert first["tissue"] == f"derivatives/tissue/{first['subject']}/anat/{first['subject']}_dseg.nii.gz"
 
     rows = _table(cohort)
-    assert [r["subject_id"] for r in rows] == [e["subject"] for e in datalist["training"]]
+    assert list(rows[0])[0] == "participant_id"  # BIDS: the first column
+    assert [r["participant_id"] for r in rows] == [e["subject"] for e in datalist["training"]]
     assert [r["label"] for r in rows] == [ph.DEFAULT_CLASS_NAMES[x] for x in labels]
     for key in ("age", "sex", "hippocampus_ml", "ventricles_ml", "gm_ml", "wm_ml", "csf_ml"):
         assert key in rows[0]
