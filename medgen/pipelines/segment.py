@@ -28,6 +28,7 @@ from medgen.data.scenes import SHAPES, is_scene_folder, load_scene_dataset
 from medgen.errors import MedgenError
 from medgen.evaluation.segmentation import argmax_segmentation, latent_probe, scene_metrics, tissue_dice
 from medgen.outputs import check_output_dir, staged_dir
+from medgen.pipelines.site import write_page_safely
 from medgen.runtime import resolve_device
 from medgen.viz import palette, save_png, to_uint8, write_panel, write_traversal
 
@@ -135,4 +136,5 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
             for i, name in enumerate(names):
                 w.writerow([name, ds.subjects[i], *(round(v[i], 5) for v in per_image.values())])
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_page_safely(tmp, "segment")  # OUT/index.html
     return metrics
