@@ -136,5 +136,5 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
             for i, name in enumerate(names):
                 w.writerow([name, ds.subjects[i], *(round(v[i], 5) for v in per_image.values())])
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_page_safely(tmp, "segment")  # OUT/index.html
+        write_page_safely(tmp, "segment", name=Path(out).name)  # OUT/index.html
     return metrics

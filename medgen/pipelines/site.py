@@ -73,10 +73,11 @@ class Run:
     sections: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)
     assets: list[str] = field(default_factory=list)
     headline: int = 0  # the figure the index's headline column shows
+    label: str = ""  # the run's name when the folder's own is not it (a page written in a staging folder)
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.path.is_file() else self.path.name
+        return self.label or (self.path.stem if self.path.is_file() else self.path.name)
 
     @property
     def root(self) -> Path:
@@ -327,7 +328,13 @@ def _train_run(path: Path) -> Run:
                          [{"type": "text", "text": "no sample montages (train.sample_every is 0, or the model "
                                                    "does not sample)"}]))
     run.assets += [m[0] for m in montages]
-    _files_and_config(run, path, ["config.yaml", "log.csv"], text)
+    files = ["config.yaml", "log.csv"]
+    for p in sorted(path.glob("*.json")):  # `medgen evaluate-synth --json RUN/x.json` results
+        res = _read_json(p) if p.stat().st_size < 5_000_000 else None
+        if _is_synth_metrics(res):
+            run.sections.append((f"Synthesis quality ({p.name})", synth_blocks(res)))
+            files.append(p.name)
+    _files_and_config(run, path, files, text)
     return run
 
 
@@ -540,6 +547,19 @@ def _base_value(base: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+def synth_blocks(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-class metrics table and the settings of an evaluate-synth result."""
+    classes = res.get("classes") or {}
+    metric_names: list[str] = []
+    for c in classes.values():
+        metric_names += [k for k, v in c.items() if k not in metric_names and isinstance(v, (int, float))]
+    rows = [[name, *[c.get(k) for k in metric_names]] for name, c in classes.items()]
+    settings = [("checkpoint", res.get("checkpoint")), ("step", res.get("step")),
+                *[(k, v) for k, v in (res.get("settings") or {}).items()]]
+    return [table(["class", *metric_names], rows, cls="scores synth-metrics", caption="per class"),
+            table(["setting", "value"], settings, cls="settings", caption="settings")]
+
+
 def _synth_run(path: Path) -> Run:
     file = path if path.is_file() else _synth_json(path)
     res = _read_json(file) if file else None
@@ -548,19 +568,12 @@ def _synth_run(path: Path) -> Run:
     run = Run(path, "evaluate-synth", model=str(res.get("model", "")), data=str(res.get("data", "")),
               date=_mtime([file]))
     classes = res.get("classes") or {}
-    metric_names: list[str] = []
-    for c in classes.values():
-        metric_names += [k for k, v in c.items() if k not in metric_names and isinstance(v, (int, float))]
-    rows = [[name, *[c.get(k) for k in metric_names]] for name, c in classes.items()]
     for k in ("mmd", "frechet", "nn_ratio"):
         vals = [c[k] for c in classes.values() if isinstance(c.get(k), (int, float))]
         if vals:
             mean = sum(vals) / len(vals)
             run.figures.append((f"mean {k}", fmt(mean, 3), _sortval(mean)))
-    run.sections.append(("Metrics per class", [table(["class", *metric_names], rows, cls="scores")]))
-    settings = [("checkpoint", res.get("checkpoint")), ("step", res.get("step")),
-                *[(k, v) for k, v in (res.get("settings") or {}).items()]]
-    run.sections.append(("Settings", [table(["setting", "value"], settings, cls="settings")]))
+    run.sections.append(("Synthesis metrics", synth_blocks(res)))
     pics = [(_rel(run.root, p), p.stem) for p in sorted(run.root.glob("*.png"))] if path.is_dir() else []
     pics += [(_rel(run.root, p), p.stem) for p in sorted(run.root.glob("montages/*.png"))] if path.is_dir() else []
     if pics:
@@ -574,13 +587,15 @@ def _synth_run(path: Path) -> Run:
 _BUILDERS = {"train": _train_run, "cv-evaluate": _cv_run, "segment": _segment_run, "evaluate-synth": _synth_run}
 
 
-def collect_run(path: str | os.PathLike, kind: str | None = None) -> Run:
+def collect_run(path: str | os.PathLike, kind: str | None = None, name: str | None = None) -> Run:
     """Read a run folder (or an evaluate-synth JSON file) into what its page shows."""
     p = Path(path)
     kind = kind or detect_kind(p)
     if kind not in _BUILDERS:
         raise MedgenError(f"{p} is not a medgen run folder (train, cv-evaluate, segment or evaluate-synth output)")
-    return _BUILDERS[kind](p)
+    run = _BUILDERS[kind](p)
+    run.label = name or ""
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -598,25 +613,40 @@ def render_index(entries: Sequence[tuple[Run, str]], title: str = "medgen runs")
     return _ENV.get_template("index.html").render(entries=entries, version=medgen.__version__, title=title)
 
 
-def write_run_page(path: str | os.PathLike, kind: str | None = None) -> Path:
-    """Write RUN/index.html for a run folder (called at the end of every command that writes one)."""
+def write_run_page(path: str | os.PathLike, kind: str | None = None, name: str | None = None) -> Path:
+    """Write RUN/index.html for a run folder (called at the end of every command that writes one).
+
+    Args:
+        path: the run folder.
+        kind: its kind (detected when None).
+        name: the run's name on the page (default: the folder's name; give it for a staging folder).
+    """
     if not Path(path).is_dir():
         raise MedgenError(f"{path} is not a run folder; a page is written into a run folder only")
-    run = collect_run(path, kind)
+    run = collect_run(path, kind, name)
     out = run.root / PAGE
     atomic_write_text(out, render_run(run))
     return out
 
 
-def write_page_safely(path: str | os.PathLike, kind: str | None = None) -> Path | None:
+def write_page_safely(path: str | os.PathLike, kind: str | None = None, name: str | None = None) -> Path | None:
     """write_run_page for the end of a pipeline: a page that cannot be drawn costs a warning, not the run."""
     try:
-        return write_run_page(path, kind)
+        return write_run_page(path, kind, name)
     except Exception as e:  # the run's results are already written; the page is a view of them
         if os.environ.get("MEDGEN_DEBUG") == "1":
             raise
         log(f"warning: could not write the run page {Path(path) / PAGE}: {e}")
         return None
+
+
+def refresh_run_page(folder: str | os.PathLike) -> Path | None:
+    """Redraw the page of a medgen run folder that just gained a file (e.g. `evaluate-synth --json RUN/x.json`);
+    nothing for any other folder."""
+    folder = Path(folder)
+    if folder.is_dir() and (folder / MARKER).is_file() and detect_kind(folder) in ("train", "cv-evaluate", "segment"):
+        return write_page_safely(folder)
+    return None
 
 
 def find_runs(paths: Sequence[str | os.PathLike], max_depth: int = 4) -> list[Path]:
@@ -682,4 +712,4 @@ def build_site(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, ov
 
 
 __all__ = ["KINDS", "Run", "build_site", "collect_run", "detect_kind", "find_runs", "render_index", "render_run",
-           "write_page_safely", "write_run_page"]
+           "refresh_run_page", "write_page_safely", "write_run_page"]

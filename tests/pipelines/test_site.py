@@ -64,7 +64,9 @@ def runs(tmp_path_factory):
            "--iterations", 3, "--batch-size", 2, "--device", "cpu", "--precision", "fp32")
     invoke("cv-evaluate", "--out", out / "cv", "--config", "smoke", "--data", d / "table.tsv", *cols, "--models", "vae")
     invoke("evaluate-synth", "--checkpoint", out / "vae", "--data", d / "table.tsv", *cols, "--config", cfg,
-           "--classifier-iterations", 2, "--pairs", 2, "--json", out / "quality" / "quality.json")
+           "--classifier-iterations", 2, "--pairs", 2, "--json", out / "vae" / "synth-metrics.json")
+    (out / "quality").mkdir()  # the same result on its own, as `medgen report` also takes one
+    shutil.copyfile(out / "vae" / "synth-metrics.json", out / "quality" / "quality.json")
     scenes = d / "scenes"
     invoke("scenes", "--out", scenes, "--n", 2, "--frames", 2, "--size", 32, "--seed", 1)
     train = TrainConfig(iterations=2, batch_size=2, ema_decay=0.0, precision="fp32", log_every=1, sample_every=0,
@@ -134,6 +136,8 @@ def test_report_collects_every_run_into_a_self_contained_site(runs):
     assert {"data sortable results", "data sortable fold-arms"} <= set(_refs(site / "runs" / "cv" / "index.html").tables)
     train = (site / "runs" / "vae" / "index.html").read_text(encoding="utf-8")
     assert "<svg" in train and "iteration 3" in train and "Resolved config" in train and "latent_dim" in train
+    assert "Synthesis quality (synth-metrics.json)" in train  # evaluate-synth --json RUN/... redrew the page
+    assert "Synthesis quality (synth-metrics.json)" in (runs["root"] / "vae" / "index.html").read_text("utf-8")
     seg = (site / "runs" / "seg" / "index.html").read_text(encoding="utf-8")
     assert "fg_ari" in seg and "baseline (majority)" in seg and "traversal.png" in seg
     synth = (site / "runs" / "quality" / "index.html").read_text(encoding="utf-8")
