@@ -140,6 +140,9 @@ def test_report_collects_every_run_into_a_self_contained_site(runs):
     assert "Synthesis quality (synth-metrics.json)" in (runs["root"] / "vae" / "index.html").read_text("utf-8")
     seg = (site / "runs" / "seg" / "index.html").read_text(encoding="utf-8")
     assert "fg_ari" in seg and "baseline (majority)" in seg and "traversal.png" in seg
+    assert "<th scope=\"col\">kmeans</th>" in seg and "<th scope=\"col\">gmm</th>" in seg  # colour baselines
+    metrics = json.loads((runs["root"] / "seg" / "metrics.json").read_text())
+    assert set(metrics["baselines"]) == {"kmeans", "gmm"} and "fg_ari" in metrics["baselines"]["kmeans"]["scenes"]
     synth = (site / "runs" / "quality" / "index.html").read_text(encoding="utf-8")
     assert "ms_ssim_synthetic" in synth and "healthy" in synth
     # the site is a medgen output folder: refused when it exists, never collected as runs itself
