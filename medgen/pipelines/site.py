@@ -266,8 +266,9 @@ def _montages(run_root: Path, folder: Path, limit: int = MAX_MONTAGES) -> list[t
     return out
 
 
-def training_blocks(run_root: Path, folder: Path, title: str = "") -> list[dict[str, Any]]:
-    """Loss curves, validation metrics and montages of one `fit` run folder (a train run or a cv generator)."""
+def training_blocks(run_root: Path, folder: Path, title: str = "", note_no_validation: bool = False
+                    ) -> list[dict[str, Any]]:
+    """Loss curves and validation metrics of one `fit` run folder (a train run or a cv generator)."""
     rows = read_log(folder / "log.csv")
     cols = _columns(rows)
     losses = [c for c in cols if not c.startswith("val_")]
@@ -285,6 +286,8 @@ def training_blocks(run_root: Path, folder: Path, title: str = "") -> list[dict[
         blocks.append(table(["iteration", *[c[4:] for c in vals]],
                             [[int(r.get("iteration", 0)), *[r.get(c) for c in vals]] for r in val_rows[-20:]],
                             caption="validation metrics (last 20 evaluations)", cls="val-metrics"))
+    elif note_no_validation:
+        blocks.append({"type": "text", "text": "no validation metrics were logged (log.csv has no val_ columns)"})
     return blocks
 
 
@@ -322,7 +325,7 @@ def _train_run(path: Path) -> Run:
         settings.append(("classes", ", ".join(map(str, info["class_names"]))))
     settings += [("seed", cfg.get("seed")), ("data", run.data)]
     run.sections.append(("Settings", [table(["setting", "value"], settings, cls="settings")]))
-    run.sections.append(("Loss curves and validation", training_blocks(path, path)))
+    run.sections.append(("Loss curves and validation", training_blocks(path, path, note_no_validation=True)))
     montages = _montages(path, path)
     run.sections.append(("Samples over iterations", [images(montages, cls="montages")] if montages else
                          [{"type": "text", "text": "no sample montages (train.sample_every is 0, or the model "

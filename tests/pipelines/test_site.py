@@ -355,6 +355,12 @@ def test_site_renders_in_headless_chromium(runs, tmp_path):
         assert any("panels/" in i["src"] for i in pages["seg"]["images"])
         assert any("scores" in t["cls"] for t in pages["seg"]["tables"])
         assert any("scores" in t["cls"] for t in pages["quality"]["tables"])
+        # the pages the commands wrote into their run folders render too, with their images in place
+        for name in ("vae", "cv", "seg"):
+            url = (runs["root"] / name / "index.html").as_uri()
+            assert not browser.open(url), url
+            f = browser.evaluate(PAGE_FACTS)
+            assert f["images"] and all(i["ok"] for i in f["images"]), url
         # sorting: clicking the run column twice orders the rows descending by name
         browser.open((site / "index.html").as_uri())
         order = browser.evaluate("""(() => { const th = document.querySelector('#runs th');

@@ -4,8 +4,9 @@
   function key(cell) {
     var raw = cell.getAttribute("data-sort");
     var text = raw !== null ? raw : cell.textContent.trim();
-    var num = parseFloat(text.replace(/[%,]/g, ""));
-    return { num: isNaN(num) || !/^[-+]?[\d.]/.test(text) ? null : num, text: text.toLowerCase() };
+    // a number, a percentage, "mean ± SD" or "diff [CI] (p)": sorted by the leading number; anything else as text
+    var m = /^([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*%?\s*(?:[±\[(].*)?$/i.exec(text);
+    return { num: m ? parseFloat(m[1]) : null, text: text.toLowerCase() };
   }
   function compare(a, b) {
     if (a.num !== null && b.num !== null) { return a.num - b.num; }
