@@ -74,6 +74,7 @@ class Run:
     assets: list[str] = field(default_factory=list)
     headline: int = 0  # the figure the index's headline column shows
     label: str = ""  # the run's name when the folder's own is not it (a page written in a staging folder)
+    thumb: str = ""  # an asset the index shows as the run's preview (the last montage, a plot, a panel)
 
     @property
     def name(self) -> str:
@@ -331,6 +332,7 @@ def _train_run(path: Path) -> Run:
                          [{"type": "text", "text": "no sample montages (train.sample_every is 0, or the model "
                                                    "does not sample)"}]))
     run.assets += [m[0] for m in montages]
+    run.thumb = montages[-1][0] if montages else ""
     files = ["config.yaml", "log.csv"]
     for p in sorted(path.glob("*.json")):  # `medgen evaluate-synth --json RUN/x.json` results
         res = _read_json(p) if p.stat().st_size < 5_000_000 else None
@@ -442,6 +444,7 @@ def _cv_run(path: Path) -> Run:
     if plots:
         run.sections.append(("Plots", [images(plots, cls="plots")]))
         run.assets += [p[0] for p in plots]
+        run.thumb = plots[0][0]
     notes = meta.get("notes") or (results.get("notes") if isinstance(results, dict) else None)
     if notes:
         run.sections.append(("Notes", [{"type": "list", "items": list(notes), "cls": ""}]))
@@ -532,6 +535,7 @@ def _segment_run(path: Path) -> Run:
     if pics:
         run.sections.append(("Panels", [images(pics, cls="panels")]))
         run.assets += [p[0] for p in pics]
+        run.thumb = pics[0][0]
     settings = [(k, m[k]) for k in ("checkpoint", "checkpoint_step", "num_decoders", "latent_dim_per_decoder", "images")
                 if k in m]
     run.sections.append(("Settings", [table(["setting", "value"], settings, cls="settings")]))
@@ -582,6 +586,7 @@ def _synth_run(path: Path) -> Run:
     if pics:
         run.sections.append(("Images", [images(pics[:MAX_PANELS], cls="panels")]))
         run.assets += [p[0] for p in pics[:MAX_PANELS]]
+        run.thumb = pics[0][0]
     run.sections.append(("Files", [{"type": "links", "items": [(file.name, file.name)]}]))
     run.assets.append(file.name)
     return run
@@ -708,6 +713,8 @@ def build_site(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, ov
                 shutil.copyfile(src, dst)
             (page_dir / PAGE).write_text(render_run(run, index_href="../../index.html", source=str(run.path)), encoding="utf-8")
             entries.append((run, f"runs/{slug}/{PAGE}"))
+            if run.thumb:
+                run.thumb = f"runs/{slug}/{run.thumb}"  # the index links the copy
         (tmp / PAGE).write_text(render_index(entries, title=title), encoding="utf-8")
     return {"out": str(out), "index": str(Path(out) / PAGE), "runs": len(entries),
             "pages": [str(Path(out) / href) for _, href in entries],

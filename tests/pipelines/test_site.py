@@ -127,7 +127,7 @@ def test_report_collects_every_run_into_a_self_contained_site(runs):
                                                          "evaluate-synth": 1}
     index = site / "index.html"
     _check_page_files(index)
-    refs = [r for t, r in _refs(index).refs if t == "a"]
+    refs = list(dict.fromkeys(r for t, r in _refs(index).refs if t == "a"))  # name and preview link the page
     assert len(refs) == 4 and all((site / r).is_file() for r in refs)
     for r in refs:
         _check_page_files(site / r)
@@ -369,6 +369,10 @@ def test_site_renders_in_headless_chromium(runs, tmp_path):
             return {up, down, sort: th.getAttribute('aria-sort')}; })()""")
         assert order["up"] == sorted(order["up"]) and order["down"] == order["up"][::-1]
         assert order["sort"] == "descending" and not browser.problems()
+        shown = browser.evaluate("""(() => { const f = document.getElementById('filter'); f.value = 'segment';
+            f.dispatchEvent(new Event('input'));
+            return [...document.querySelectorAll('#runs tbody tr')].filter(r => !r.hidden).length; })()""")
+        assert shown == 1 and len(index["images"]) >= 3  # the filter; a preview per run with pictures
     finally:
         browser.close()
 

@@ -35,4 +35,15 @@
       th.addEventListener("click", function () { sortBy(table, col, th); });
     });
   });
+  // A search box with data-table="ID" hides the rows of that table that do not contain its text.
+  document.querySelectorAll("input[data-table]").forEach(function (input) {
+    var table = document.getElementById(input.getAttribute("data-table"));
+    if (!table || !table.tBodies[0]) { return; }
+    input.addEventListener("input", function () {
+      var q = input.value.trim().toLowerCase();
+      Array.prototype.forEach.call(table.tBodies[0].rows, function (r) {
+        r.hidden = q !== "" && r.textContent.toLowerCase().indexOf(q) < 0;
+      });
+    });
+  });
 }());
