@@ -864,6 +864,7 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
     if len(finished_folds(out, cfg.cv.folds)) == cfg.cv.folds:
         return merge(out, echo=echo)
     log(f"folds finished: {len(finished_folds(out, cfg.cv.folds))}/{cfg.cv.folds}; merge when all are done")
+    write_page_safely(out, "cv-evaluate")  # OUT/index.html: the finished folds so far
     return None
 
 
