@@ -560,10 +560,10 @@ def synth_blocks(res: dict[str, Any]) -> list[dict[str, Any]]:
     metric_names: list[str] = []
     for c in classes.values():
         metric_names += [k for k, v in c.items() if k not in metric_names and isinstance(v, (int, float))]
-    rows = [[name, *[c.get(k) for k in metric_names]] for name, c in classes.items()]
+    rows = [[k, *[c.get(k) for c in classes.values()]] for k in metric_names]  # a row per metric: tables stay narrow
     settings = [("checkpoint", res.get("checkpoint")), ("step", res.get("step")),
                 *[(k, v) for k, v in (res.get("settings") or {}).items()]]
-    return [table(["class", *metric_names], rows, cls="scores synth-metrics", caption="per class"),
+    return [table(["metric", *classes], rows, cls="scores synth-metrics", caption="per class"),
             table(["setting", "value"], settings, cls="settings", caption="settings")]
 
 
