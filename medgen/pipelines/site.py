@@ -469,6 +469,10 @@ def _fold_blocks(run: Run, root: Path, fdir: Path) -> list[dict[str, Any]]:
     if rows:
         blocks.append(table(["arm", "real volumes", "synthetic volumes", "val bal. acc", "test bal. acc",
                              "test AUC", "chosen iteration"], rows, cls="fold-arms"))
+    real_run = fdir / "arms" / "real"
+    if (real_run / "log.csv").is_file():  # does the reference classifier learn? its loss and validation curves
+        blocks.append({"type": "text", "text": "classifier, real only", "cls": "subhead"})
+        blocks += training_blocks(root, real_run, title=f"{fdir.name} real only")
     gens = fold.get("generators") or {}
     for g in sorted(p.name for p in (fdir / "generators").glob("*") if p.is_dir()) if (fdir / "generators").is_dir() else []:
         gdir = fdir / "generators" / g
