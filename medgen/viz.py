@@ -238,3 +238,50 @@ def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index:
             rows.append(np.concatenate([to_uint8(im) for im in imgs], axis=1))
     save_png(path, np.concatenate(rows, axis=0))
     return dims
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "", x: str = "iteration",
+                max_panels: int = 12) -> str:
+    """Small multiples of logged values against `x` (one panel per column) as SVG text (for HTML pages).
+
+    Args:
+        rows: logged rows (dicts of floats, e.g. log.csv), sorted by `x`; missing values are skipped.
+        columns: the columns to draw (at most `max_panels`).
+        title: figure title.
+        x: the x-axis column.
+        max_panels: panel limit.
+    Returns:
+        An `<svg ...>` element (no XML prologue), text kept as text.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(columns)[:max_panels]
+    n = max(1, len(columns))
+    cols = min(n, 4)
+    nrows = int(math.ceil(n / cols))
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "medgen"}):
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.2 * nrows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, col in zip(axes.flat, columns, strict=False):
+            pts = [(r[x], r[col]) for r in rows if r.get(col) is not None and r.get(x) is not None
+                   and math.isfinite(float(r[col]))]
+            ax.axis("on")
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, lw=1.2, marker="o" if len(pts) < 30 else None, ms=2.5)
+            ax.set_title(col, fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel(x, fontsize=7)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+        plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]

@@ -39,6 +39,7 @@ def evaluate_synth(
     from medgen.errors import MedgenError
     from medgen.outputs import atomic_write_json
     from medgen.pipelines.evaluate_synth import evaluate_synthesis
+    from medgen.pipelines.site import refresh_run_page
 
     if json_path is not None and json_path.is_dir():
         raise MedgenError(f"--json {json_path} is a folder; give a file name, e.g. {json_path / 'quality.json'}")
@@ -53,4 +54,5 @@ def evaluate_synth(
     result["data"] = cfg.data.path or "phantom"
     if json_path is not None:
         atomic_write_json(json_path, result)
+        refresh_run_page(json_path.parent)  # a result saved into a run folder shows on its page
     cli.echo_json(result)

@@ -45,6 +45,7 @@ def train(
     from medgen.data import load_config_data
     from medgen.outputs import check_output_dir, output_lock
     from medgen.runtime import resolve_device, resolve_precision
+    from medgen.pipelines.site import write_page_safely
     from medgen.training.loop import fit
     from medgen.training.preflight import preflight_train
 
@@ -67,6 +68,7 @@ def train(
                      resume=resume, overwrite=overwrite, config=cfg.to_dict())
     if not rank0:
         return
+    write_page_safely(out, "train")  # RUN/index.html (`medgen report` collects many)
     last = result.history[-1] if result.history else {}
     cli.echo_json({
         "model": model,

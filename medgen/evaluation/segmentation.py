@@ -4,19 +4,23 @@ The prediction is the argmax of the decoder weights. Scenes: foreground ARI (bac
 per image, then averaged), full ARI, mean segmentation covering, per-decoder mask area (collapse
 shows as decoders with ~0 area). Volumes: Dice of decoders vs tissue classes after Hungarian matching.
 Latent probe: per-decoder latents -> which shapes are present, cross-validated, next to a baseline.
+Baselines for the segmentation itself: k-means and a Gaussian mixture on pixel colour (per image, K groups).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, balanced_accuracy_score
+from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -204,3 +208,39 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
         }
     results["positive_rate"] = {n: float(y[:, j].mean()) for j, n in enumerate(names)}
     return results
+
+
+COLOUR_BASELINES = ("kmeans", "gmm")
+
+
+def colour_clusters(images: Any, k: int, method: str = "kmeans", seed: int = 0, max_fit: int = 4096) -> np.ndarray:
+    """The baselines every segmentation report shows beside the model: per image, cluster the pixel (voxel)
+    colours into k groups with k-means or a Gaussian mixture (fitted on at most `max_fit` pixels).
+
+    Args:
+        images: [N, C, *S] images.
+        k: number of groups (the model's number of decoders).
+        method: "kmeans" or "gmm".
+        seed: random state of the fits and the pixel subsample.
+    Returns:
+        [N, *S] int64 group ids.
+    """
+    if method not in COLOUR_BASELINES:
+        raise ValueError(f"unknown colour baseline {method!r} (one of {', '.join(COLOUR_BASELINES)})")
+    x = np.asarray(images, dtype=np.float64)
+    n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    out = np.zeros((n, *spatial), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pix = x[i].reshape(c, -1).T  # [P, C]
+        fit = pix[rng.choice(len(pix), max_fit, replace=False)] if len(pix) > max_fit else pix
+        kk = max(1, min(k, len(np.unique(fit, axis=0))))  # a flat image has fewer colours than groups
+        if method == "kmeans":
+            est = KMeans(n_clusters=kk, n_init=3, random_state=seed)
+        else:
+            est = GaussianMixture(n_components=kk, covariance_type="full", reg_covar=1e-4, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence warnings on near-flat images
+            est.fit(fit)
+            out[i] = est.predict(pix).reshape(spatial)
+    return out

@@ -73,6 +73,7 @@ from medgen.outputs import (
     make_output_dir,
 )
 from medgen.pipelines.report import write_report
+from medgen.pipelines.site import write_page_safely
 from medgen.runtime import resolve_device, seed_everything
 from medgen.training.loop import fill_model_kwargs, fit
 
@@ -783,6 +784,7 @@ def merge(out: str | Path, *, echo: bool = False) -> dict[str, Any]:
     fold_results = [json.loads((out / f"fold_{k}" / "fold.json").read_text(encoding="utf-8")) for k in range(folds)]
     results = build_results(fold_results, run["class_names"], notes=run.get("notes"))
     write_report(out, results, echo=echo)
+    write_page_safely(out, "cv-evaluate")  # OUT/index.html
     return results
 
 
@@ -862,6 +864,7 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
     if len(finished_folds(out, cfg.cv.folds)) == cfg.cv.folds:
         return merge(out, echo=echo)
     log(f"folds finished: {len(finished_folds(out, cfg.cv.folds))}/{cfg.cv.folds}; merge when all are done")
+    write_page_safely(out, "cv-evaluate")  # OUT/index.html: the finished folds so far
     return None
 
 

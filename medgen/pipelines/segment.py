@@ -2,7 +2,9 @@
 
 Output folder (written atomically):
     metrics.json        FG-ARI / full ARI / mSC / per-decoder mask area (scenes), tissue Dice (volumes),
-                        latent probe vs baseline (scenes)
+                        latent probe vs baseline (scenes), the same scores of k-means / GMM on pixel colour
+                        (baselines)
+    index.html          the run's page (medgen.pipelines.site)
     per_image.csv       per-image metrics
     segmentations/      2D: <name>.png overlay + <name>_labels.png (decoder ids); 3D: <name>_seg.nii.gz
     panels/<name>.png   input, reconstruction, argmax segmentation, truth, per-decoder images and weights
@@ -26,8 +28,16 @@ from medgen.data import load_dataset
 from medgen.data.dataset import ImageSet
 from medgen.data.scenes import SHAPES, is_scene_folder, load_scene_dataset
 from medgen.errors import MedgenError
-from medgen.evaluation.segmentation import argmax_segmentation, latent_probe, scene_metrics, tissue_dice
+from medgen.evaluation.segmentation import (
+    COLOUR_BASELINES,
+    argmax_segmentation,
+    colour_clusters,
+    latent_probe,
+    scene_metrics,
+    tissue_dice,
+)
 from medgen.outputs import check_output_dir, staged_dir
+from medgen.pipelines.site import write_page_safely
 from medgen.runtime import resolve_device
 from medgen.viz import palette, save_png, to_uint8, write_panel, write_traversal
 
@@ -54,7 +64,8 @@ def run_model(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int =
 
 
 def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path, *, n: int | None = None, panels: int = 16,
-            batch_size: int = 16, device: str = "auto", seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
+            batch_size: int = 16, device: str = "auto", seed: int = 0, overwrite: bool = False,
+            colour_baselines: bool = True) -> dict[str, Any]:
     """Segment a dataset with a trained parallel-decoder VAE and write the results folder.
 
     Args:
@@ -67,6 +78,7 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
         device: auto | cpu | cuda.
         seed: random state of the latent probe.
         overwrite: replace an existing output folder.
+        colour_baselines: also score k-means and a Gaussian mixture on pixel colour (metrics["baselines"]).
     Returns:
         The metrics dict (also written to metrics.json).
     """
@@ -106,6 +118,18 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
                                             names=SHAPES, seed=seed)
     if "tissue" in ds.extras:
         metrics["tissue"] = tissue_dice(pred, ds.extras["tissue"].reshape(pred.shape), k)
+    baselines: dict[str, Any] = {}
+    for method in COLOUR_BASELINES if ("masks" in ds.extras or "tissue" in ds.extras) and colour_baselines else ():
+        log(f"baseline: {method} on pixel colour, K={k}")
+        base = colour_clusters(ds.images.numpy(), k, method=method, seed=seed)
+        if "masks" in ds.extras:
+            sm = scene_metrics(ds.extras["masks"].numpy(), base, ds.extras["background_ids"], k)
+            sm.pop("per_image")
+            baselines[method] = {"scenes": sm}
+        else:
+            baselines[method] = {"tissue": tissue_dice(torch.as_tensor(base), ds.extras["tissue"].reshape(pred.shape), k)}
+    if baselines:
+        metrics["baselines"] = baselines
     truth = ds.extras.get("masks")
     if truth is None and "tissue" in ds.extras:
         truth = ds.extras["tissue"].reshape(pred.shape)
@@ -135,4 +159,5 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
             for i, name in enumerate(names):
                 w.writerow([name, ds.subjects[i], *(round(v[i], 5) for v in per_image.values())])
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_page_safely(tmp, "segment", name=Path(out).name)  # OUT/index.html
     return metrics

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import adjusted_rand_score
 
 from medgen.evaluation.segmentation import (
     argmax_segmentation,
+    colour_clusters,
     foreground_ari,
     full_ari,
     latent_probe,
@@ -87,3 +89,19 @@ def test_latent_probe_beats_baseline_on_informative_latents():
     assert res["probe"]["mean_balanced_accuracy"] > 0.9
     noise = latent_probe(rng.normal(size=(120, 2, 4)), y, groups, names=["a", "b", "c"])
     assert noise["probe"]["mean_label_accuracy"] < 0.7
+
+
+def test_colour_baselines_recover_flat_coloured_regions():
+    img = np.zeros((2, 3, 16, 16), dtype=np.float32)
+    img[:, 0, :, 8:] = 1.0  # left half black, right half red
+    img[1, 2, 4:8, 2:6] = 1.0  # a blue square in the second image
+    truth = np.zeros((2, 16, 16), dtype=np.int64)
+    truth[:, :, 8:] = 1
+    truth[1, 4:8, 2:6] = 2
+    for method in ("kmeans", "gmm"):
+        pred = colour_clusters(img, 3, method=method, seed=0)
+        assert pred.shape == (2, 16, 16)
+        for i in range(2):
+            assert adjusted_rand_score(truth[i].ravel(), pred[i].ravel()) == pytest.approx(1.0)
+    flat = colour_clusters(np.zeros((1, 1, 4, 4, 4)), 3)  # one colour: one group, no error
+    assert flat.shape == (1, 4, 4, 4) and len(np.unique(flat)) == 1
