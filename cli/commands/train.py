@@ -44,8 +44,8 @@ def train(
     """Train MODEL on DATA (default: the built-in phantom cohort); RUN gets checkpoints, log, montages, config."""
     from medgen.data import load_config_data
     from medgen.outputs import check_output_dir, output_lock
-    from medgen.runtime import resolve_device, resolve_precision
     from medgen.pipelines.site import write_page_safely
+    from medgen.runtime import resolve_device, resolve_precision
     from medgen.training.loop import fit
     from medgen.training.preflight import preflight_train
 
