@@ -88,6 +88,8 @@ def _print_tables(summary: dict) -> None:
                                     f"{inten['median_p0.5']:.4g}, median p99.5 {inten['median_p99.5']:.4g}")
     out.print(images)
 
+    for note in summary.get("notes", []):
+        out.print(f"note: {note}")
     if summary["problems"]:
         problems = Table(title=f"Problems ({len(summary['problems'])})")
         problems.add_column("problem")

@@ -10,7 +10,7 @@ from statistics import median
 from typing import Any
 
 from medgen.console import track
-from medgen.data.datalist import Datalist, read_datalist, too_few_message
+from medgen.data.datalist import Datalist, mixed_label_subjects, read_datalist, subject_labels, too_few_message
 from medgen.data.inspection import inspect_volume
 
 
@@ -27,6 +27,14 @@ class DataReport:
     data: Datalist
     volumes: list[Any]
     problems: list[str]
+
+    def notes(self) -> list[str]:
+        """Facts worth knowing that do not stop the data being used (e.g. subjects with mixed labels)."""
+        names = self.data.class_names
+        chosen = subject_labels([r["label"] for r in self.data.records], [r["subject"] for r in self.data.records])
+        return [f"subject {s} has scans labelled {', '.join(names[i] for i in labs)}: its scans stay together in one "
+                f"split and it counts once, as {names[chosen[s]]} (its most frequent label)"
+                for s, labs in sorted(mixed_label_subjects(self.data.records).items())]
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready summary."""
@@ -59,6 +67,7 @@ class DataReport:
                 "median_p99.5": float(median(v.p_high for v in ok)) if ok else None,
             },
             "problems": list(self.problems),
+            "notes": self.notes(),
             "ok": not self.problems,
         }
 

@@ -215,11 +215,28 @@ def subjects_per_class(data: Any, class_names: Sequence[str] | None = None) -> d
     """
     labels, subjects, names = _labels_subjects(data, class_names)
     seen: dict[int, set[str]] = {}
-    for lab, sub in zip(labels, subjects, strict=False):
-        seen.setdefault(int(lab), set()).add(sub)
+    for sub, lab in subject_labels(labels, subjects).items():
+        seen.setdefault(lab, set()).add(sub)
     if names is None:
-        names = [str(i) for i in range(max(seen, default=-1) + 1)]
+        names = [str(i) for i in range(max([int(x) for x in labels], default=-1) + 1)]
     return {name: len(seen.get(i, ())) for i, name in enumerate(names)}
+
+
+def subject_labels(labels: Sequence[Any], subjects: Sequence[str]) -> dict[str, int]:
+    """One class per subject: its most frequent label (ties: the lowest index), as the splits stratify,
+    so a subject whose scans carry different labels (e.g. a conversion) counts once."""
+    per: dict[str, Counter] = {}
+    for lab, sub in zip(labels, subjects, strict=False):
+        per.setdefault(sub, Counter())[int(lab)] += 1
+    return {sub: min(c, key=lambda k: (-c[k], k)) for sub, c in per.items()}
+
+
+def mixed_label_subjects(records: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+    """Subjects whose scans carry more than one label: {subject: sorted labels}."""
+    per: dict[str, set[int]] = {}
+    for r in records:
+        per.setdefault(r["subject"], set()).add(int(r["label"]))
+    return {s: sorted(v) for s, v in per.items() if len(v) > 1}
 
 
 def require_per_class(data: Any, minimum: int, what: str, class_names: Sequence[str] | None = None) -> dict[str, int]:

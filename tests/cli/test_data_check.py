@@ -23,11 +23,11 @@ def blob(shape=(20, 24, 18), seed=0):
 
 @pytest.fixture
 def dataset(tmp_path):
-    """Eight scans of four subjects per class pair (CN, AD) in a CSV table."""
+    """Eight scans (two per subject) of two CN and two AD subjects in a CSV table."""
     rows = ["image,label,subject"]
     for i in range(8):
         nib.save(nib.Nifti1Image(blob(seed=i), AFFINE), tmp_path / f"s{i}.nii.gz")
-        rows.append(f"s{i}.nii.gz,{['CN', 'AD'][i % 2]},sub{i // 2}")
+        rows.append(f"s{i}.nii.gz,{['CN', 'AD'][i % 2]},sub{i % 4}")
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
 
@@ -55,7 +55,8 @@ def test_summary_tables_and_json(dataset):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["scans"] == 8 and summary["subjects"] == 4 and summary["ok"] is True
-    assert summary["classes"] == [{"name": "CN", "subjects": 4, "scans": 4}, {"name": "AD", "subjects": 4, "scans": 4}]
+    assert summary["classes"] == [{"name": "CN", "subjects": 2, "scans": 4}, {"name": "AD", "subjects": 2, "scans": 4}]
+    assert summary["notes"] == []
     assert summary["intensity"]["max"] > 50
 
 
@@ -113,7 +114,7 @@ def test_bad_images(dataset, name, writer, needle):
 
 def test_too_few_subjects_for_folds(dataset):
     r = run("--data", dataset / "data.csv", "--group-column", "subject", "--folds", "6")
-    assert_one_error_line(r, "class CN has 4 subjects; 6 folds need at least 6", "+1 more problem,")
+    assert_one_error_line(r, "class CN has 2 subjects; 6 folds need at least 6", "+1 more problem,")
     # without --group-column every scan is its own subject: 4 per class, still too few for 6 folds
     r = run("--data", dataset / "data.csv", "--folds", "5", "--json")
     assert_one_error_line(r, "class CN has 4 subjects; 5 folds need at least 5")
@@ -142,3 +143,15 @@ def test_scenes_folder_is_dispatched(tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["kind"] == "scenes" and summary["items"] == 2 and summary["shape"] == [3, 32, 32]
+
+
+def test_subject_with_mixed_labels_is_reported_and_counted_once(dataset):
+    # sub0's second scan becomes AD (a conversion): reported, counted once (CN, its lowest tied label)
+    _edit_table(dataset, 6, "s4.nii.gz,AD,sub0")
+    r = run("--data", dataset / "data.csv", "--group-column", "subject", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert [c["subjects"] for c in summary["classes"]] == [2, 2] and summary["subjects"] == 4
+    assert len(summary["notes"]) == 1 and "sub0" in summary["notes"][0] and "CN, AD" in summary["notes"][0]
+    r = run("--data", dataset / "data.csv", "--group-column", "subject")
+    assert "note: subject sub0" in r.stdout

@@ -105,11 +105,14 @@ def test_phantom_folder_with_tissue_and_subjects(tmp_path):
 
 def test_subjects_not_scans_are_counted(table):
     data = read_datalist(table, group_column="subject")
-    # 6 scans of 3 subjects; classes cycle so each class has 2 scans from 2 different subjects
-    assert subjects_per_class(data) == {"CN": 2, "MCI": 2, "AD": 2}
-    assert require_per_class(data, 2, "2 folds") == {"CN": 2, "MCI": 2, "AD": 2}
-    with pytest.raises(MedgenError, match=r"^class CN has 2 subjects; 6 folds need at least 6$"):
-        require_per_class(data, 6, "6 folds")
+    # 6 scans of 3 subjects whose two scans carry different labels: each subject counts once, as its most
+    # frequent label (ties: the lowest index, as the splits stratify): sub0 MCI/AD -> MCI, sub1 CN/MCI -> CN,
+    # sub2 AD/CN -> CN
+    assert subjects_per_class(data) == {"CN": 2, "MCI": 1, "AD": 0}
+    assert sum(subjects_per_class(data).values()) == 3
+    assert require_per_class(data, 0, "0 folds") == {"CN": 2, "MCI": 1, "AD": 0}
+    with pytest.raises(MedgenError, match=r"^class MCI has 1 subjects?; 2 folds need at least 2"):
+        require_per_class(data, 2, "2 folds")
     records = [{"label": 0, "subject": "a"}, {"label": 0, "subject": "a"}, {"label": 1, "subject": "b"}]
     assert subjects_per_class(records, ["x", "y"]) == {"x": 1, "y": 1}
     assert subjects_per_class([0, 0, 1]) == {"0": 2, "1": 1}
