@@ -10,7 +10,13 @@ from statistics import median
 from typing import Any
 
 from medgen.console import track
-from medgen.data.datalist import Datalist, mixed_label_subjects, read_datalist, subject_labels, too_few_message
+from medgen.data.datalist import (
+    Datalist,
+    mixed_label_subjects,
+    read_datalist,
+    subject_labels,
+    too_few_message,
+)
 from medgen.data.inspection import inspect_volume
 
 
