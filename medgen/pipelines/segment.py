@@ -86,6 +86,12 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
     check_output_dir(out, overwrite=overwrite, inputs=inputs)
     model, meta = model_from_checkpoint(checkpoint, expected_model="parallel-vae")
     kw = meta["kwargs"]
+    if not isinstance(data, ImageSet):
+        scenes, dims = is_scene_folder(data), int(kw.get("spatial_dims", model.spatial_dims))
+        if scenes != (dims == 2):
+            have = "2D scenes (a `medgen scenes` folder)" if scenes else "3D volumes"
+            raise MedgenError(f"{data}: holds {have}, but the checkpoint {meta['path']} is a {dims}D parallel-vae; "
+                              f"use a {'2D' if scenes else '3D'} checkpoint (medgen train parallel-vae --data {data})")
     ds = data if isinstance(data, ImageSet) else load_segment_data(data, int(kw.get("image_size", 64)))
     if n is not None:
         if n < 1:

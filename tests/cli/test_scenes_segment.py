@@ -50,6 +50,14 @@ def test_scenes_and_segment_cli(tmp_path):
                             "--out", str(tmp_path / "seg2")])
     assert r.exit_code == 1 and r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "seg2").exists()
+    # a 2D scenes checkpoint against 3D volumes: one line that says so (not an "unknown label")
+    vols = tmp_path / "vols"
+    r = runner.invoke(app, ["phantom", "--out", str(vols), "--n", "3", "--size", "32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["segment", "--checkpoint", str(run.checkpoint), "--data", str(vols),
+                            "--out", str(tmp_path / "seg3")])
+    assert r.exit_code == 1 and "holds 3D volumes" in r.output and "2D parallel-vae" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "seg3").exists()
 
 
 def test_segment_volumes_writes_nifti_and_tissue_dice(tmp_path):
