@@ -4,6 +4,7 @@ The folder (DESIGN.md section 4) is read by a plain MONAI pipeline with no medge
 
     OUT/dataset_description.json  participants.tsv  datalist.json
     OUT/sub-synth0001/anat/sub-synth0001_desc-<model>_T1w.nii.gz (+ .json sidecar)
+    OUT/montage.png  (the first MONTAGE_PER_CLASS volumes written of each class)
 
 Noise is drawn on the CPU from a seeded generator, so the same seed gives the same volumes on any device.
 """
@@ -26,6 +27,9 @@ from medgen.errors import MedgenError
 from medgen.models.sampling import decode, draw_latents, sample_images
 from medgen.outputs import atomic_write_json, atomic_write_text, check_output_dir, staged_dir
 from medgen.runtime import resolve_device
+from medgen.viz import save_montage
+
+MONTAGE_PER_CLASS = 2
 
 
 def class_indices(classes: Sequence[str] | None, class_names: Sequence[str], where: str = "checkpoint") -> list[int]:
@@ -111,6 +115,7 @@ def write_synthetic(
         })
         rows = ["participant_id\tgroup\tlabel"]
         training = []
+        shown: list[tuple[torch.Tensor, int]] = []  # the montage's volumes
         for i, label in enumerate(labels):
             if i % batch_size == 0:  # decode the next chunk only when needed (bounded memory)
                 chunk = decode(model, z[i : i + batch_size], labels[i : i + batch_size], batch_size=batch_size,
@@ -132,8 +137,12 @@ def write_synthetic(
                 "model": meta["model"], "checkpoint": ckpt_name, "checkpoint_sha256": meta["sha256"],
             })
             rows.append(f"{sub}\t{class_names[label]}\t{label}")
+            if sum(k == label for _, k in shown) < MONTAGE_PER_CLASS:
+                shown.append((vol.clone(), int(label)))
             training.append({"image": rel, "label": int(label), "subject": sub})
         atomic_write_text(tmp / "participants.tsv", "\n".join(rows) + "\n")
+        save_montage(torch.stack([v for v, _ in shown]), [k for _, k in shown], class_names, tmp / "montage.png",
+                     title=f"medgen synth: {meta['model']} {ckpt_name}, seed {seed} (first volumes of each class)")
         atomic_write_json(tmp / "datalist.json", {
             "name": "medgen-synthetic",
             "description": f"{meta['model']} samples, seed {seed}",
