@@ -112,7 +112,8 @@ def save_montage(
             ax.set_title(f"{class_names[k]}{' real' if real else ''}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height) if title else None)  # room for the title above the views
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
