@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from medgen.config import TrainConfig
 from medgen.data.dataset import ImageSet
+from medgen.errors import MedgenError
+from medgen.geometry import mni_affine
 from medgen.pipelines.evaluate_synth import evaluate_synthesis, feature_extractor
 from medgen.training.loop import fit
+from tests.evaluation.test_fidelity import atlas_volumes
 from tests.evaluation.test_metrics import blobs
 
 
@@ -45,9 +51,6 @@ def test_evaluate_synthesis_per_class(tmp_path):
 
 def phantom_like_set(n_per_class: int = 6) -> ImageSet:
     """16^3 volumes built from the template's tissue maps on the phantom grid, ventricles growing with class."""
-    from medgen.geometry import mni_affine
-    from tests.evaluation.test_fidelity import atlas_volumes
-
     images = torch.cat([atlas_volumes(n_per_class, g, seed=k) for k, g in enumerate((0.0, 0.2, 0.5))])
     labels = torch.arange(3).repeat_interleave(n_per_class)
     return ImageSet(images=images, labels=labels, subjects=[f"s{i}" for i in range(len(labels))],
@@ -70,13 +73,7 @@ def test_evaluate_synthesis_effects_and_out_folder(tmp_path):
     assert {"metrics.json", "metrics.md", "montage.png", "effects.png", "fidelity.png"} <= {p.name for p in out.iterdir()}
     md = (out / "metrics.md").read_text()
     assert "class agreement" in md and "two-sample AUC" in md and "AD vs CN" in md and "coverage" in md
-    import json
-
     assert json.loads((out / "metrics.json").read_text())["classes"].keys() == result["classes"].keys()
     # an existing folder is refused before anything is computed
-    import pytest
-
-    from medgen.errors import MedgenError
-
     with pytest.raises(MedgenError, match="exists"):
         evaluate_synthesis(tmp_path / "run", real, out=out, extractor=lambda x: x.reshape(x.shape[0], -1)[:, :8])
