@@ -42,3 +42,16 @@ def mni_affine(size: int) -> np.ndarray:
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = np.asarray(CENTRE_MNI) - spacing * (size - 1) / 2.0
     return affine
+
+
+def mni_voxel_affine(affine: np.ndarray, size: int) -> np.ndarray:
+    """Voxel -> MNI mm map of a size^3 training grid with the given affine (RAS, 192/size mm voxels).
+
+    The phantom's grid (`mni_affine`) is in MNI mm already. Data brought to the centred training grid
+    (`training_affine`) is assumed to hold the brain centred like the phantom's grid, so its world
+    coordinates are shifted by the phantom grid's centre; any other affine is taken as MNI mm.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if np.allclose(affine, training_affine(size), atol=1e-3):
+        return mni_affine(size) @ np.linalg.inv(training_affine(size)) @ affine
+    return affine

@@ -26,21 +26,43 @@ def orthogonal_slices(volume: np.ndarray) -> list[np.ndarray]:
     return [np.rot90(volume[d // 2]), np.rot90(volume[:, h // 2]), np.rot90(volume[:, :, w // 2])]
 
 
+# (title, slice of a RAS [X, Y, Z] volume, marker at the image's left edge, at its right edge)
+VIEWS = (("axial", "L", "R"), ("coronal", "L", "R"), ("sagittal", "P", "A"))
+
+
+def ras_views(volume: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal and sagittal mid-slices of a RAS [X, Y, Z] volume, for display.
+
+    Axial (z = mid): anterior up, the subject's left on the image's left (neurological convention); coronal
+    (y = mid): superior up, left on the left; sagittal (x = mid): superior up, posterior on the left.
+    """
+    x, y, z = volume.shape
+    return [np.rot90(volume[:, :, z // 2]), np.rot90(volume[:, y // 2, :]), np.rot90(volume[x // 2])]
+
+
 def save_montage(
     images: torch.Tensor,
     labels: Sequence[int],
     class_names: Sequence[str],
     path: str | os.PathLike,
     title: str = "",
+    reference: torch.Tensor | None = None,
+    reference_labels: Sequence[int] | None = None,
 ) -> None:
-    """Write a PNG montage, one row per image: three orthogonal mid-slices for 3D, the image for 2D.
+    """Write a PNG montage, one row per image: axial / coronal / sagittal mid-slices for 3D, the image for 2D.
+
+    3D rows are grouped by class, the real reference rows of a class (when given) first; each row is titled
+    with its class and "real" or "synthetic", the columns with their view, and the slices carry orientation
+    markers (L/R on axial and coronal, P/A on sagittal; the volumes are RAS, as medgen's training space is).
 
     Args:
-        images: [N, C, *spatial] in [-1, 1] (first channel shown).
-        labels: class index per image (row titles).
+        images: [N, C, *spatial] synthetic images in [-1, 1] (first channel shown).
+        labels: class index per image.
         class_names: name per class index.
         path: output PNG (written atomically).
         title: figure title.
+        reference: optional [R, C, *spatial] real images shown beside the synthetic rows.
+        reference_labels: class index per reference image.
     """
     import matplotlib
 
@@ -48,32 +70,174 @@ def save_montage(
     import matplotlib.pyplot as plt
 
     arr = images.detach().float().cpu().numpy()[:, 0]  # [N, *spatial]
-    n = arr.shape[0]
+    rows: list[tuple[np.ndarray, int, bool]] = [(a, int(k), False) for a, k in zip(arr, labels, strict=True)]
+    if reference is not None:
+        ref = reference.detach().float().cpu().numpy()[:, 0]
+        ref_labels = list(reference_labels) if reference_labels is not None else [0] * len(ref)
+        rows += [(a, int(k), True) for a, k in zip(ref, ref_labels, strict=True)]
+    rows.sort(key=lambda r: (r[1], not r[2]))  # by class, the real rows of a class first (stable)
+    n = len(rows)
     three_d = arr.ndim == 4
     if three_d:
-        fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
-        for i in range(n):
-            for j, sl in enumerate(orthogonal_slices(arr[i])):
-                axes[i, j].imshow(sl, cmap="gray", vmin=-1, vmax=1)
-                axes[i, j].axis("off")
-            axes[i, 0].set_title(class_names[int(labels[i])], fontsize=8, loc="left")
+        fig, axes = plt.subplots(n, 3, figsize=(6.4, 2.0 * n + 0.4), squeeze=False)
+        for i, (vol, k, real) in enumerate(rows):
+            for j, sl in enumerate(ras_views(vol)):
+                ax = axes[i, j]
+                ax.imshow(sl, cmap="gray", vmin=-1, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_visible(real)
+                    side.set_color("tab:green")
+                    side.set_linewidth(2)
+                name, left, right = VIEWS[j]
+                style = {"color": "yellow", "fontsize": 7, "fontweight": "bold", "va": "center",
+                         "transform": ax.transAxes}
+                ax.text(0.03, 0.5, left, ha="left", **style)
+                ax.text(0.97, 0.5, right, ha="right", **style)
+                if i == 0:
+                    ax.set_title(name, fontsize=9)
+            kind = "real" if real else "synthetic"
+            axes[i, 0].set_ylabel(f"{class_names[k]}\n{kind}", fontsize=8,
+                                  color="tab:green" if real else "black")
     else:
         cols = min(n, 8)
-        rows = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+        nrows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(1.6 * cols, 1.6 * nrows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        for i in range(n):
+        for i, (img, k, real) in enumerate(rows):
             ax = axes[i // cols, i % cols]
-            ax.imshow(arr[i], cmap="gray", vmin=-1, vmax=1)
-            ax.set_title(class_names[int(labels[i])], fontsize=7)
+            ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+            ax.set_title(f"{class_names[k]}{' real' if real else ''}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height) if title else None)  # room for the title above the views
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_loss_curves(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
+    """PNG of a run's log rows (log.csv): one panel per logged value against the iteration.
+
+    Each panel shows the logged values and, with enough points, a moving average over a tenth of them.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in ("iteration", "seconds") and k not in keys]
+    keys = keys[:12]
+    cols = min(3, max(1, len(keys)))
+    nrows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.4 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys, strict=False):
+        pts = [(r["iteration"], float(r[key])) for r in rows if key in r and r[key] not in ("", None)]
+        if not pts:
+            continue
+        ax.axis("on")
+        it = np.array([p[0] for p in pts], dtype=float)
+        v = np.array([p[1] for p in pts], dtype=float)
+        ax.plot(it, v, lw=0.8, alpha=0.5 if len(v) >= 10 else 1.0, marker="" if len(v) > 1 else "o")
+        w = len(v) // 10
+        if w >= 2:
+            ax.plot(it[w - 1 :], np.convolve(v, np.ones(w) / w, mode="valid"), lw=1.5, color="tab:red")
+        ax.set_title(key, fontsize=8)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def save_loss_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Write plot_loss_curves(rows) to `path` atomically (nothing for an empty log)."""
+    if rows:
+        atomic_write_bytes(path, plot_loss_curves(rows, title))
+
+
+def plot_effects(effects: dict[str, dict[str, dict[str, Any]]]) -> bytes:
+    """Disease effects recovered: per class pair and measure, the synthetic effect as a fraction of the real one
+    (95% bootstrap interval), beside the real-vs-real reference (one half of the real data against the other).
+
+    Args:
+        effects: {"AD vs CN": {measure: {"fraction", "fraction_low", "fraction_high",
+                 "reference": {same keys}}}}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(pair, m, v) for pair, per in effects.items() for m, v in per.items()]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(items) + 1.2))
+    for i, (_, _, v) in enumerate(items):
+        for dy, src, colour, label in ((-0.15, v, "tab:blue", "synthetic / real"),
+                                       (0.15, v.get("reference", {}), "tab:grey", "real half / other half")):
+            f = src.get("fraction", float("nan"))
+            lo, hi = src.get("fraction_low", float("nan")), src.get("fraction_high", float("nan"))
+            if not np.isfinite(f):
+                continue
+            err = [[max(f - lo, 0.0)], [max(hi - f, 0.0)]] if np.isfinite(lo) and np.isfinite(hi) else None
+            ax.errorbar([f], [i + dy], xerr=err, fmt="o", color=colour, capsize=3, ms=4,
+                        label=label if i == 0 else None)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.axvline(1.0, color="tab:green", lw=0.8, ls="--")
+    ax.set_yticks(range(len(items)), [f"{p}: {m}" for p, m, _ in items], fontsize=7)
+    ax.invert_yaxis()
+    lim = max([3.0] + [abs(v.get("fraction", 0.0)) for _, _, v in items if np.isfinite(v.get("fraction", 0.0))])
+    ax.set_xlim(-min(lim, 5.0), min(lim, 5.0))
+    ax.set_xlabel("effect recovered (1 = the real effect, 0 = none)", fontsize=8)
+    ax.set_title("Disease effects in the synthetic volumes (95% bootstrap intervals)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_fidelity(rows: Sequence[tuple[str, dict[str, float], dict[str, float]]]) -> bytes:
+    """Bars per metric: the synthetic value and the real-vs-real reference, per class and overall.
+
+    Args:
+        rows: (metric name, {group: synthetic value}, {group: reference value}); groups are the class
+            names and "overall".
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, max(1, len(rows)))
+    nrows = max(1, math.ceil(len(rows) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, syn, ref) in zip(axes.flat, rows, strict=False):
+        ax.axis("on")
+        groups = list(syn)
+        x = np.arange(len(groups))
+        ax.bar(x - 0.2, [syn[g] for g in groups], 0.4, label="synthetic")
+        ax.bar(x + 0.2, [ref.get(g, float("nan")) for g in groups], 0.4, color="tab:grey", label="real reference")
+        ax.set_xticks(x, groups, fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def _png(fig: Any) -> bytes:

@@ -25,6 +25,11 @@ def train(
                                                    show_default=cli.config_default("train.iterations"))] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size.",
                                                    show_default=cli.config_default("train.batch_size"))] = None,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option("--max-minutes", min=0.01,
+                     help="Time budget: stop (with a final checkpoint) after this many minutes (train.max_seconds)."),
+    ] = None,
     seed: cli.SeedOpt = None,
     device: cli.DeviceOpt = None,
     precision: Annotated[
@@ -52,7 +57,8 @@ def train(
     cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, train__iterations=iterations, train__batch_size=batch_size,
-                  train__precision=precision, train__compile=compile_)
+                  train__precision=precision, train__compile=compile_,
+                  train__max_seconds=None if max_minutes is None else max_minutes * 60.0)
     # everything the options alone decide is checked before any volume is read
     resolve_precision(cfg.train.precision, resolve_device(cfg.device))
 

@@ -5,6 +5,7 @@ with no medgen code:
 
     OUT/dataset_description.json  participants.tsv  participants.json  README  datalist.json  .bidsignore
     OUT/sub-synth0001/anat/sub-synth0001_desc-<model>_T1w.nii.gz (+ .json sidecar)
+    OUT/montage.png  (the first MONTAGE_PER_CLASS volumes written of each class)
 
 Volumes are written in the training data's intensity scale (the recorded percentile normalisation
 inverted; `scale="model"` keeps the model's [-1, 1]) with the training affine and the training data's
@@ -34,6 +35,9 @@ from medgen.errors import MedgenError
 from medgen.models.sampling import decode, draw_latents, sample_images
 from medgen.outputs import atomic_write_json, check_output_dir, staged_dir
 from medgen.runtime import resolve_device
+from medgen.viz import save_montage
+
+MONTAGE_PER_CLASS = 2
 
 Scale = Literal["data", "model"]
 SCALES = ("data", "model")
@@ -182,6 +186,7 @@ def write_synthetic(
         )
         rows = []
         training = []
+        shown: list[tuple[torch.Tensor, int]] = []  # the montage's volumes
         for i, label in enumerate(labels):
             if i % batch_size == 0:  # decode the next chunk only when needed (bounded memory)
                 chunk = decode(model, z[i : i + batch_size], labels[i : i + batch_size], batch_size=batch_size,
@@ -203,11 +208,15 @@ def write_synthetic(
                 "intensity_scale": "data" if mapping is not None else "model",
             })
             rows.append({"participant_id": sub, "group": class_names[label], "label": int(label)})
+            if sum(k == label for _, k in shown) < MONTAGE_PER_CLASS:
+                shown.append((vol.clone(), int(label)))
             training.append({"image": rel, "label": int(label), "subject": sub})
         write_participants(tmp, rows, {
             "group": {"Description": "class the volume was sampled for", "Levels": {c: c for c in class_names}},
             "label": "class index (datalist.json labels)",
         })
+        save_montage(torch.stack([v for v, _ in shown]), [k for _, k in shown], class_names, tmp / "montage.png",
+                     title=f"medgen synth: {meta['model']} {ckpt_name}, seed {seed} (first volumes of each class)")
         atomic_write_json(tmp / "datalist.json", {
             "name": "medgen-synthetic",
             "description": f"{meta['model']} samples, seed {seed}",
@@ -215,7 +224,7 @@ def write_synthetic(
             "numTraining": len(training),
             "training": training,
         })
-        write_bidsignore(tmp, ["datalist.json"])
+        write_bidsignore(tmp, ["datalist.json", "montage.png"])
         write_readme(tmp, f"""\
 Synthetic T1-weighted volumes sampled by medgen from a {meta['model']} generator (checkpoint {ckpt_name},
 sha256 {meta['sha256']}, seed {seed}); not real subjects. Each sub-synthNNNN is one sampled volume; its

@@ -42,7 +42,7 @@ from medgen.runtime import (
     use_space_to_depth_stems,
 )
 from medgen.training import distributed
-from medgen.training.hooks import Montage, Validation
+from medgen.training.hooks import LossCurve, Montage, Validation, reference_images
 from medgen.training.run_dir import RunDir
 from medgen.training.state import TrainState, check_resume, data_fingerprint
 from medgen.training.steps import Batch, create_step
@@ -187,7 +187,9 @@ def fit(
     else:
         run.write_config(cfg_dict)
     validation = Validation(validate, validate_every, select_metric) if validate is not None else None
-    montage = Montage(train.sample_every, data.class_names, model_name)
+    ref, ref_labels = reference_images(data.images, data.labels, len(data.class_names))
+    montage = Montage(train.sample_every, data.class_names, model_name, ref, ref_labels)
+    curves = LossCurve(train.sample_every or train.checkpoint_every, model_name)
     t0, stopped_by_time = time.perf_counter(), False
 
     def seconds() -> float:
@@ -210,6 +212,8 @@ def fit(
                 progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in values.items()))
             if montage.due(it, done):
                 montage(state, run)
+            if curves.due(it, done):
+                curves(run, history)
             if (train.checkpoint_every and it % train.checkpoint_every == 0) or done:
                 state.check_finite_weights(run.good_checkpoint)  # never write or name good NaN weights
                 run.save_last(checkpoint())

@@ -2,6 +2,7 @@
 
     config.yaml   the resolved config
     log.csv       iteration, seconds, one column per loss
+    loss.png      the log's curves, redrawn as training goes
     samples/      montages iter_NNNNNN.png (EMA samples, fixed seed)
     last.pt       latest checkpoint (every train.checkpoint_every iterations and at the end; --resume reads it)
     final.pt      the checkpoint at the end of the run (what synth/evaluate use for a run folder)
@@ -42,6 +43,7 @@ class RunDir:
         self.main = main
         self.last, self.final, self.best = self.path / LAST_NAME, self.path / FINAL_NAME, self.path / BEST_NAME
         self.log_path = self.path / "log.csv"
+        self.loss_curve_path = self.path / "loss.png"
         self.log_fields: list[str] = []
         self.good_checkpoint: Path | None = None  # the newest checkpoint known to hold finite weights
 

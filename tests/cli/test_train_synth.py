@@ -64,7 +64,7 @@ def test_train_each_model(model, tiny, config, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["model"] == model and summary["iterations"] == 2
-    assert {"final.pt", "last.pt", "log.csv", "config.yaml", "samples"} <= {p.name for p in out.iterdir()}
+    assert {"final.pt", "last.pt", "log.csv", "config.yaml", "samples", "loss.png"} <= {p.name for p in out.iterdir()}
     assert list((out / "samples").glob("*.png"))
     # existing folder refused; --resume continues to a longer schedule
     r = invoke(*train_args(model, tiny, out, config))
@@ -80,6 +80,7 @@ def test_synth_and_evaluate(tiny, config, tmp_path):
     r = invoke("synth", "--checkpoint", run, "--out", tmp_path / "syn", "--n", 3, "--seed", 2, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["per_class"] == {"CN": 1, "MCI": 1, "AD": 1}
+    assert (tmp_path / "syn" / "montage.png").stat().st_size > 1000
     dl = json.loads((tmp_path / "syn" / "datalist.json").read_text())
     vol = nib.load(tmp_path / "syn" / dl["training"][0]["image"])
     assert vol.shape == (16, 16, 16)
@@ -97,6 +98,25 @@ def test_synth_and_evaluate(tiny, config, tmp_path):
     result = json.loads(r.stdout)
     assert set(result["classes"]) == {"CN", "MCI", "AD"}
     assert json.loads((tmp_path / "m.json").read_text())["classes"] == result["classes"]
+    for key in ("class_agreement", "two_sample_auc", "precision", "coverage"):
+        assert key in result["overall"] and key in result["classes"]["AD"]
+    fid = tmp_path / "fid"
+    r = invoke("evaluate-synth", "--checkpoint", run, "--data", tiny, "--config", config, "--n", 2, "--pairs", 1,
+               "--classifier-iterations", 1, "--device", "cpu", "--out", fid)
+    assert r.exit_code == 0, r.output
+    assert {"metrics.json", "metrics.md", "montage.png", "fidelity.png"} <= {p.name for p in fid.iterdir()}
+    r = invoke("evaluate-synth", "--checkpoint", run, "--data", tiny, "--config", config, "--out", fid)
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_train_max_minutes(tiny, config, tmp_path):
+    out = tmp_path / "run"
+    r = invoke(*train_args("vae", tiny, out, config, "--iterations", 1000, "--max-minutes", 0.01))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["stopped_by_time"] and summary["iterations"] < 1000
+    r = invoke(*train_args("vae", tiny, tmp_path / "r2", config, "--max-minutes", 0))
+    assert r.exit_code == 2
 
 
 def test_errors_are_one_line(tiny, tmp_path):

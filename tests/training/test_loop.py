@@ -97,7 +97,7 @@ def state_of(path):
 def test_run_folder_contents(tmp_path):
     res = run(tmp_path / "run", train=cfg(sample_every=4))
     out = tmp_path / "run"
-    for name in ("config.yaml", "log.csv", "last.pt", "final.pt"):
+    for name in ("config.yaml", "log.csv", "last.pt", "final.pt", "loss.png"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter_000004.png", "iter_000008.png"]
     rows = list(csv.DictReader(open(out / "log.csv")))
