@@ -66,7 +66,9 @@ def test_table_to_training_grid(mixed_table):
     assert data.labels.tolist() == [0, 1, 0, 1, 0, 1] and data.class_names == ["CN", "AD"]
     assert data.subjects == ["sub0", "sub0", "sub1", "sub1", "sub2", "sub2"]
     # different input grids -> the canonical centred 3 mm RAS affine
-    assert require_per_class(data, 3, "3 folds") == {"CN": 3, "AD": 3}  # subjects, not the 6 scans
+    # subjects, not the 6 scans; each subject has a CN and an AD scan, so it counts once, as its lowest tied
+    # label (CN), never in both classes
+    assert require_per_class(data, 0, "0 folds") == {"CN": 3, "AD": 0}
     np.testing.assert_allclose(data.affine, training_affine(16, 3.0))
     np.testing.assert_allclose(data.affine[:3, 3], [-22.5] * 3)
     assert data.normalisation["spacing_mm"] == [3.0] * 3
