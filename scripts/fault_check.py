@@ -130,6 +130,13 @@ def partials(out: Path) -> list[Path]:
     return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")] if out.parent.exists() else []
 
 
+def phantom_in_flight(out: Path, n: int) -> subprocess.Popen:
+    """A background `medgen phantom` into `out`, returned once its partial folder exists."""
+    p = background(["phantom", "--n", str(n), "--size", "16", "--out", str(out)])
+    wait_for(lambda: bool(partials(out)))
+    return p
+
+
 def nan_then_synth(w: Path, ph: Path, cfg: Path) -> tuple[int, str]:
     """Training into NaN must stop with an error; synth on what it left must refuse or write finite volumes."""
     out = w / "run-nan"
@@ -233,8 +240,7 @@ def build_cases(w: Path) -> list[Case]:
 
     def appears(case: Case) -> tuple[int, str]:
         out = w / "race"
-        p = background(["phantom", "--n", "40", "--size", "16", "--out", str(out)])
-        wait_for(lambda: bool(partials(out)))
+        p = phantom_in_flight(out, 40)
         out.mkdir()
         (out / "precious.txt").write_text("mine")
         p.wait(timeout=300)
@@ -245,8 +251,7 @@ def build_cases(w: Path) -> list[Case]:
     # ---- item 9: kills
     def sigterm(case: Case) -> tuple[int, str]:
         out = w / "term"
-        p = background(["phantom", "--n", "200", "--size", "16", "--out", str(out)])
-        wait_for(lambda: bool(partials(out)))
+        p = phantom_in_flight(out, 200)
         time.sleep(0.5)
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
@@ -261,8 +266,7 @@ def build_cases(w: Path) -> list[Case]:
 
     def kill9(case: Case) -> tuple[int, str]:
         out = w / "k9"
-        p = background(["phantom", "--n", "200", "--size", "16", "--out", str(out)])
-        wait_for(lambda: bool(partials(out)))
+        p = phantom_in_flight(out, 200)
         p.kill()
         p.wait()
         if not partials(out):

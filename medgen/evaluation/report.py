@@ -115,6 +115,12 @@ def _equivalent(curve: list[dict[str, Any]], score: float) -> dict[str, Any] | N
     return {"subjects": n, "extra_subjects": n - full if not math.isnan(n) else math.nan, "extrapolated": extrapolated}
 
 
+def _gain(t: dict[str, Any]) -> dict[str, float]:
+    """A comparison with real only as the verdict reads it: gain, its interval, p and Holm-adjusted p."""
+    return {"gain": t["mean_diff"], "ci_low": t["ci_low"], "ci_high": t["ci_high"], "p": t["p"],
+            "p_holm": t.get("p_holm", math.nan)}
+
+
 def _generator_summaries(folds: list[dict[str, Any]], arms: list[dict[str, Any]], curve: list[dict[str, Any]],
                          class_names: list[str]) -> dict[str, Any]:
     """Per generator: its best arm (by validation balanced accuracy), gain, oracle share, equivalents, TSTR,
@@ -135,8 +141,7 @@ def _generator_summaries(folds: list[dict[str, Any]], arms: list[dict[str, Any]]
         agreement = [a for a in agreement if a]
         per_class = np.mean(agreement, axis=0).tolist() if agreement else None
         out[g] = {
-            "best_arm": best["arm"], "best_arm_label": best["label"], "gain": t["mean_diff"], "ci_low": t["ci_low"],
-            "ci_high": t["ci_high"], "p": t["p"], "p_holm": t.get("p_holm", math.nan),
+            "best_arm": best["arm"], "best_arm_label": best["label"], **_gain(t),
             "oracle_arm": oracle["arm"] if oracle else None, "oracle_share": share,
             "equivalent": _equivalent(curve, best["test_balanced_accuracy"]["mean"]) if curve else None,
             "tstr_test_balanced_accuracy": tstr["test_balanced_accuracy"] if tstr else None,
@@ -150,9 +155,7 @@ def _controls(arms: list[dict[str, Any]]) -> dict[str, Any]:
     def gain(a: dict[str, Any] | None) -> dict[str, Any] | None:
         if a is None or not a.get("test_vs_real"):
             return None
-        t = a["test_vs_real"]
-        return {"arm": a["arm"], "label": a["label"], "gain": t["mean_diff"], "ci_low": t["ci_low"], "ci_high": t["ci_high"],
-                "p": t["p"], "p_holm": t.get("p_holm", math.nan), "generators": a.get("generators", [])}
+        return {"arm": a["arm"], "label": a["label"], **_gain(a["test_vs_real"]), "generators": a.get("generators", [])}
 
     real, linear = _arm(arms, REFERENCE), _arm(arms, "linear")
     return {

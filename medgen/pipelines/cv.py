@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
@@ -54,8 +55,9 @@ from torch import nn
 from medgen.checkpoint import model_from_checkpoint
 from medgen.config import Config, TrainConfig
 from medgen.console import log
-from medgen.data import default_cache_dir, load_config_data, load_dataset
+from medgen.data import default_cache_dir, load_config_data, load_dataset, subjects_per_class
 from medgen.data.augmentation import TrainingAugmentation
+from medgen.data.datalist import subject_labels
 from medgen.data.dataset import ImageSet
 from medgen.data.phantom import ensure_cohort, read_parameters
 from medgen.errors import MedgenError
@@ -311,14 +313,13 @@ def first_per_class(pool: ImageSet, counts: list[int]) -> ImageSet:
 
 
 def subject_subset(data: ImageSet, share: float, seed: int) -> ImageSet:
-    """A class-stratified share of `data`'s subjects (all their scans). Per class the subjects are put in a
-    seeded order and the first round(share * n) kept, so a smaller share is a subset of a larger one."""
-    first_label: dict[str, int] = {}
-    for s, y in zip(data.subjects, data.labels.tolist(), strict=True):
-        first_label.setdefault(s, int(y))
+    """A class-stratified share of `data`'s subjects (all their scans). Per class (a subject's class as the
+    splits assign it: its most frequent label) the subjects are put in a seeded order and the first
+    round(share * n) kept, so a smaller share is a subset of a larger one."""
+    classes = subject_labels(data.labels.tolist(), data.subjects)
     keep: set[str] = set()
     for c in range(len(data.class_names)):
-        subs = sorted(s for s, y in first_label.items() if y == c)
+        subs = sorted(s for s, y in classes.items() if y == c)
         order = np.random.default_rng([seed, c]).permutation(len(subs))
         keep.update(subs[i] for i in order[: int(round(share * len(subs)))])
     return data.subset([i for i, s in enumerate(data.subjects) if s in keep])
@@ -329,10 +330,7 @@ def check_learning_curve(cfg: Config, data: ImageSet, splits: Splits) -> None:
     for share in cfg.cv.learning_curve:
         for k in range(cfg.cv.folds):
             real = data.subset(splits.indices(data.subjects, k, "train"))
-            part = subject_subset(real, share, 0)
-            per_class = {c: len({s for s, y in zip(part.subjects, part.labels.tolist(), strict=True) if y == i})
-                         for i, c in enumerate(data.class_names)}
-            small = {c: n for c, n in per_class.items() if n < 2}
+            small = {c: n for c, n in subjects_per_class(subject_subset(real, share, 0)).items() if n < 2}
             if small:
                 c, n = next(iter(small.items()))
                 raise MedgenError(f"cv.learning_curve: share {share:g} leaves class {c} with {n} training "
@@ -407,7 +405,7 @@ def spacing_mm(data: ImageSet) -> float:
     if sp:
         return float(np.mean(sp))
     if data.affine is not None:
-        return float(np.mean(np.linalg.norm(np.asarray(data.affine)[:3, :3], axis=0)))
+        return float(np.mean(nib.affines.voxel_sizes(np.asarray(data.affine))))
     return 3.0
 
 
