@@ -68,7 +68,8 @@ class Setting:
     compile_mode: str | None = None  # None: eager; "default"; "reduce-overhead" (CUDA graphs)
     threads: int | None = None  # CPU: torch threads for this setting (None: the process setting)
     space_to_depth: bool = False  # 1-channel k4 s2 input convs as space-to-depth + k2 conv
-    guarded: bool = False  # as medgen train: no channels_last where oneDNN's bf16 weight gradients are wrong
+    guarded: bool = False  # as medgen train: convs on maps smaller than their kernel in fp32 under CPU bf16;
+    # NCDHW for models with instance norm on CPU
 
 
 def ladder(device: torch.device, *, with_compile: bool) -> list[Setting]:
@@ -138,8 +139,9 @@ def prepare(model_name: str, setting: Setting, device: torch.device, *, base_wid
             latent_dim: int | None, warmup: int, seed: int) -> Prepared:
     """Build the seeded model/Step/batch under `setting`, run the first step (losses) and the warm-up."""
     from medgen.runtime import (
-        bf16_channels_last_hazards,
         compile_model,
+        guard_bf16_convs,
+        has_instance_norm,
         resolve_precision,
         to_channels_last,
         use_space_to_depth_stems,
@@ -148,9 +150,11 @@ def prepare(model_name: str, setting: Setting, device: torch.device, *, base_wid
 
     torch.manual_seed(seed)
     model = build_model(model_name, base_width=base_width, size=size, latent_dim=latent_dim).to(device)
-    if (setting.guarded and setting.channels_last and device.type == "cpu" and setting.precision == "bf16"
-            and bf16_channels_last_hazards(model)):
-        setting = replace(setting, channels_last=False)
+    if setting.guarded and device.type == "cpu":
+        if setting.precision == "bf16":
+            guard_bf16_convs(model)
+        if has_instance_norm(model):
+            setting = replace(setting, channels_last=False)
     if setting.channels_last:
         to_channels_last(model)
     if setting.space_to_depth:

@@ -152,6 +152,18 @@ class CVConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Resources of the jobs `cv-evaluate --launcher` submits (one per fold, through submitit)."""
+
+    partition: str | None = None  # SLURM partition (None: the cluster's default)
+    time_minutes: int = _f(240, ge=1)  # wall-clock limit per job
+    cpus_per_task: int = _f(4, ge=1)  # also the torch threads of each job
+    gpus_per_task: int = _f(0, ge=0)
+    mem_gb: int = _f(16, ge=1)
+    retries: int = _f(1, ge=0, le=10)  # resubmissions of a failed fold (it resumes: finished arms are kept)
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -164,6 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

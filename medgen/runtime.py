@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,14 +84,17 @@ def configure_backends(device: torch.device, *, cudnn_benchmark: bool = True) ->
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def bf16_channels_last_hazards(model: nn.Module) -> list[str]:
-    """Conv layers whose weight gradient oneDNN gets wrong on CPU under bf16 + channels_last.
+def bf16_conv_hazards(model: nn.Module) -> list[str]:
+    """Conv layers whose bf16 backward oneDNN gets wrong on CPU: a kernel larger than the input.
 
-    Measured here (torch 2.13, oneDNN 3.12): for padded convolutions with a 1-2 voxel output (e.g. k3 p1 on
-    a 2^3 map, k7 s2 p3 on <= 4^3) the bf16 channels_last weight gradient is garbage or NaN in most calls,
-    while NCDHW bf16 and fp32 are right. The generative models at 16^3 and larger have no such layer;
-    a ResNet classifier's last stage does. One batch-1 forward (eval mode, no grad) finds each conv's
-    output size.
+    Measured here (torch 2.13, oneDNN 3.12, native-bf16 CPU; benchmarks/README.md): when a padded
+    convolution's kernel is larger than its input along some axis (k3 on a 2^3 map, k7 s2 p3 on 4^3, k4 on
+    3^3, ...), the bf16 weight and input gradients are garbage, inf or NaN in most calls (at 8-32 channels,
+    in NCDHW and channels_last_3d alike; one sweep ended in a heap corruption), while fp32 and PyTorch's
+    own bf16 kernels (oneDNN off) are right. Transposed convolutions fail the same way (k3 s1 p1 on 2^3,
+    k3 s2 p1 on 1^3). No fault was seen with the kernel no larger than the input, so every conv whose
+    kernel exceeds its input is flagged (a superset of the faults seen). One batch-1 forward (eval mode, no grad) finds each conv's
+    input size.
 
     Returns:
         Names of the hazardous layers; ["?"] when the model gives no way to build an input (the model
@@ -106,9 +110,9 @@ def bf16_channels_last_hazards(model: nn.Module) -> list[str]:
     found: list[str] = []
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d | nn.Conv3d):
-            def hook(mod, _args, out, name=name):
-                if any(p > 0 for p in mod.padding) and min(out.shape[2:]) <= 2:
+        if isinstance(m, nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+            def hook(mod, args, _out, name=name):
+                if any(k > n for k, n in zip(mod.kernel_size, args[0].shape[2:], strict=True)):
                     found.append(name)
 
             hooks.append(m.register_forward_hook(hook))
@@ -121,7 +125,69 @@ def bf16_channels_last_hazards(model: nn.Module) -> list[str]:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return found
+    return sorted(set(found))
+
+
+class _Fp32Forward:
+    """Mixin: the layer runs in fp32 with autocast off on CPU (its output is fp32; the next op autocasts
+    again). For convolutions on maps smaller than their kernel, where oneDNN's bf16 backward is wrong; such
+    maps are tiny, so the cost is negligible."""
+
+    def forward(self, input: torch.Tensor, *args: Any) -> torch.Tensor:
+        if input.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return super().forward(input, *args)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(input.float(), *args)
+
+
+class Fp32Conv2d(_Fp32Forward, nn.Conv2d):
+    """nn.Conv2d computed in fp32 under CPU autocast (see _Fp32Forward)."""
+
+
+class Fp32Conv3d(_Fp32Forward, nn.Conv3d):
+    """nn.Conv3d computed in fp32 under CPU autocast (see _Fp32Forward)."""
+
+
+class Fp32ConvTranspose2d(_Fp32Forward, nn.ConvTranspose2d):
+    """nn.ConvTranspose2d computed in fp32 under CPU autocast (see _Fp32Forward)."""
+
+
+class Fp32ConvTranspose3d(_Fp32Forward, nn.ConvTranspose3d):
+    """nn.ConvTranspose3d computed in fp32 under CPU autocast (see _Fp32Forward)."""
+
+
+_FP32_VERSIONS = {nn.Conv2d: Fp32Conv2d, nn.Conv3d: Fp32Conv3d,
+                  nn.ConvTranspose2d: Fp32ConvTranspose2d, nn.ConvTranspose3d: Fp32ConvTranspose3d}
+
+
+def guard_bf16_convs(model: nn.Module) -> list[str]:
+    """Run the convs that `bf16_conv_hazards` finds in fp32 under CPU autocast, in place.
+
+    Everything else keeps bf16 and its memory format; parameters and state-dict keys are untouched.
+
+    Returns:
+        The names of the guarded layers.
+
+    Raises:
+        MedgenError: the model gives no way to probe its layer inputs.
+    """
+    names = bf16_conv_hazards(model)
+    if names == ["?"]:
+        raise MedgenError(f"{type(model).__name__}: cannot probe its conv inputs for the CPU bf16 guard "
+                          "(no example_inputs); train it with --precision fp32")
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        if type(m) in _FP32_VERSIONS:
+            m.__class__ = _FP32_VERSIONS[type(m)]
+    return names
+
+
+def has_instance_norm(model: nn.Module) -> bool:
+    """Whether the model has InstanceNorm layers: they run slower in channels_last(_3d) on CPU (measured:
+    a 32^3 classifier with instance norm trains 0.90x fp32 speed in bf16 + channels_last_3d, 1.09x in bf16
+    NCDHW; with batch norm 1.20x in channels_last_3d), so the CPU default keeps such models in NCDHW."""
+    return any(isinstance(m, nn.InstanceNorm2d | nn.InstanceNorm3d) for m in model.modules())
 
 
 class SpaceToDepthConv3d(nn.Conv3d):

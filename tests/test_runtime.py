@@ -5,11 +5,14 @@ import torch
 from torch import nn
 
 from medgen.runtime import (
+    bf16_conv_hazards,
     compile_model,
     cpu_bf16_supported,
     default_channels_last,
     default_precision,
     default_space_to_depth,
+    guard_bf16_convs,
+    has_instance_norm,
     memory_format,
     resolve_precision,
     to_channels_last,
@@ -76,64 +79,112 @@ def test_space_to_depth_stem_gives_same_values_and_double_backward(channels_last
     assert net[0](odd).shape == (1, 8, 7, 7, 7)
 
 
-def test_bf16_channels_last_hazards_flags_padded_convs_on_tiny_maps():
-    from medgen.runtime import bf16_channels_last_hazards
-
+def test_bf16_conv_hazards_flags_kernels_larger_than_their_input():
     class Net(nn.Module):
         def __init__(self, size):
             super().__init__()
             self.size = size
-            self.down = nn.Conv3d(1, 4, 1)  # unpadded: never a hazard
+            self.down = nn.Conv3d(1, 4, 1)  # a 1^3 kernel is never larger than its input
             self.head = nn.Conv3d(4, 4, 3, 1, 1)
+            self.up = nn.ConvTranspose3d(4, 4, 3, 1, 1)
 
         def example_inputs(self, batch_size, generator):
             return {"x": torch.zeros(batch_size, 1, self.size, self.size, self.size)}
 
         def forward(self, x):
-            return self.head(self.down(x))
+            return self.up(self.head(self.down(x)))
 
-    assert bf16_channels_last_hazards(Net(2)) == ["head"]  # k3 p1 on a 2^3 map
-    assert bf16_channels_last_hazards(Net(8)) == []
-    assert bf16_channels_last_hazards(nn.Linear(2, 2)) == ["?"]  # no way to build an input: treated as unsafe
+    assert bf16_conv_hazards(Net(2)) == ["head", "up"]  # k3 on a 2^3 map
+    assert bf16_conv_hazards(Net(3)) == []
+    assert bf16_conv_hazards(nn.Linear(2, 2)) == ["?"]  # no way to build an input: treated as unsafe
+
+
+def test_guarded_conv_computes_in_fp32_under_cpu_autocast():
+    class Net(nn.Sequential):
+        in_channels, image_size, spatial_dims = 1, 2, 3  # the probe's input: [1, 1, 2, 2, 2]
+
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    net = Net(nn.Conv3d(1, 32, 1), nn.ReLU(), nn.Conv3d(32, 32, 3, 1, 1))
+    x = torch.randn(4, 1, 2, 2, 2)
+    keys = list(net.state_dict())
+
+    def grads():
+        net.zero_grad()
+        with resolve_precision("bf16", CPU).autocast():
+            out = net(x)
+        out.float().square().sum().backward()
+        return out, net[2].weight.grad.clone()
+
+    ref_out = net(x)
+    assert guard_bf16_convs(net) == ["2"]
+    assert list(net.state_dict()) == keys
+    out, gw = grads()
+    assert out.dtype == torch.float32  # the guarded layer left autocast
+    net.zero_grad()
+    ref_out.square().sum().backward()
+    torch.testing.assert_close(out, ref_out.detach(), rtol=0.02, atol=0.02)  # only the 1^3 conv ran in bf16
+    assert torch.isfinite(gw).all()
+    assert (gw - net[2].weight.grad).norm() <= 0.05 * net[2].weight.grad.norm()
+    assert not has_instance_norm(net) and has_instance_norm(nn.Sequential(nn.InstanceNorm3d(2)))
 
 
 @pytest.mark.skipif(not cpu_bf16_supported(), reason="no native bf16 on this CPU")
-@pytest.mark.parametrize("name", ["gan", "alpha-gan", "vae"])
+@pytest.mark.parametrize("name", ["gan", "alpha-gan", "vae", "classifier"])
 def test_cpu_default_fast_path_gives_right_gradients(name):
-    """Every parameter gradient of the default CPU path (bf16, channels_last_3d, space-to-depth) is close to
-    fp32, over several draws (oneDNN's wrong bf16 channels_last kernels fail intermittently)."""
+    """Every parameter gradient of the default CPU path (bf16 with the conv guard, channels_last_3d,
+    space-to-depth) is close to fp32, over several draws (oneDNN's wrong bf16 kernels fail intermittently)."""
     from medgen.models.registry import create_model, get_model_class
-    from medgen.runtime import bf16_channels_last_hazards
 
     kwargs = get_model_class(name).tiny_kwargs(3)
+    if name == "classifier":
+        # the quick preset's kind of network (the width-2 ResNet is too ill-conditioned for any bf16 check)
+        kwargs.update(backbone="plain", base_width=8, norm="instance", standardize=True, image_size=32)
     for seed in range(4):
         torch.manual_seed(seed)
         ref_model = create_model(name, **kwargs)
         fast = create_model(name, **kwargs)
         fast.load_state_dict(ref_model.state_dict())
-        assert bf16_channels_last_hazards(fast) == []
+        guarded = guard_bf16_convs(fast)
+        if name == "classifier":
+            assert guarded  # the 16^3 ResNet's last stages run on 1-2 voxel maps
         to_channels_last(fast)
         use_space_to_depth_stems(fast)
         grads = []
-        for model, prec in ((ref_model, "fp32"), (fast, "bf16")):
-            inputs = ref_model.example_inputs(4, torch.Generator().manual_seed(seed))  # may hold a generator
-            with resolve_precision(prec, CPU).autocast():
+        # fp32; the fast path; PyTorch's own bf16 kernels (oneDNN off), the yardstick for bf16 rounding
+        for model, prec, onednn in ((ref_model, "fp32", True), (fast, "bf16", True), (ref_model, "bf16", False)):
+            model.zero_grad()
+            gen = torch.Generator().manual_seed(seed)
+            if hasattr(ref_model, "example_inputs"):
+                inputs = ref_model.example_inputs(4, gen)  # may hold a generator
+            else:
+                inputs = {"x": torch.rand(4, kwargs["in_channels"], *[kwargs["image_size"]] * 3, generator=gen)}
+            with torch.backends.mkldnn.flags(enabled=onednn), resolve_precision(prec, CPU).autocast():
                 out = model(**inputs)
-            loss = sum(v.float().square().mean() for v in vars(out).values()
-                       if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad)
-            loss.backward()
-            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-        ref, got = grads
-        assert ref.keys() == got.keys()
-        # bf16 rounding through a deep G -> D chain moves single gradients by 10-40% (most where the exact
-        # gradient cancels, e.g. a conv bias before batch norm); a wrong kernel (the oneDNN case) gives values
-        # off by orders of magnitude or NaN.
+                loss = sum(v.float().square().mean() for v in vars(out).values()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad)
+                loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        ref, got, native = grads
+        assert ref.keys() == got.keys() == native.keys()
+
+        def err(g, n=None, ref=ref):
+            names = [n] if n else list(ref)
+            a = torch.cat([g[k].flatten() for k in names]).double()
+            b = torch.cat([ref[k].flatten() for k in names]).double()
+            return float((a - b).norm()), float(b.norm())
+
+        # bf16 rounding alone moves single gradients by 10-40% in the generators (most where the exact gradient
+        # cancels, e.g. a conv bias before batch norm) and by up to ~100% in the tiny batch-norm ResNet, as
+        # PyTorch's own bf16 kernels show; a wrong kernel (the oneDNN case) is off by orders of magnitude or NaN.
         for n in ref:
             assert torch.isfinite(got[n]).all(), n
-            assert (got[n] - ref[n]).norm() <= 2 * ref[n].norm() + 1e-3, (n, seed)
-        a = torch.cat([got[n].flatten() for n in ref]).double()
-        b = torch.cat([ref[n].flatten() for n in ref]).double()
-        assert (a - b).norm() <= 0.2 * b.norm(), (seed, float((a - b).norm() / b.norm()))
+            e, r = err(got, n)
+            assert e <= max(2 * r, 3 * err(native, n)[0]) + 1e-2, (n, seed)
+        e, r = err(got)
+        assert e <= max(0.2 * r, 1.5 * err(native)[0]), (seed, e / r, err(native)[0] / r)
 
 
 def test_default_channels_last_is_a_bool():

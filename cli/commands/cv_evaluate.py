@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -52,6 +52,12 @@ def cv_evaluate(
     merge: Annotated[
         bool, typer.Option("--merge", help="Only combine the finished folds in --out into the results.")
     ] = False,
+    launcher: Annotated[
+        Literal["local", "slurm"] | None,
+        typer.Option("--launcher", help="Run each fold as a job through submitit and merge: slurm (a job array; "
+                     "resources in the config's launcher section) or local (processes on this machine).",
+                     show_default="one process")
+    ] = None,
     overwrite: cli.OverwriteOpt = False,
     device: cli.DeviceOpt = None,
     image_column: cli.ImageColumnOpt = None,
@@ -69,6 +75,13 @@ def cv_evaluate(
     if merge:
         merge_folds(Path(out), echo=True)
         return
+    if launcher is not None:
+        from medgen.errors import MedgenError
+        from medgen.pipelines.launch import check_launcher
+
+        if fold is not None:
+            raise MedgenError("--launcher runs every fold as its own job; it does not combine with --fold")
+        check_launcher(launcher)
     cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, cv__folds=folds)
@@ -79,4 +92,9 @@ def cv_evaluate(
     check_output_dir(out, overwrite=overwrite, resume=resume or fold is not None, inputs=[data, config])
     # one writer per run folder; separate --fold jobs share it by design, so each locks its fold
     with output_lock(out if fold is None else Path(out).with_name(f"{Path(out).name}.fold_{fold}")):
-        run_cv(cfg, out, fold=fold, resume=resume, overwrite=overwrite, echo=True)
+        if launcher is not None:
+            from medgen.pipelines.launch import run_cv_jobs
+
+            run_cv_jobs(cfg, out, launcher=launcher, resume=resume, overwrite=overwrite, echo=True)
+        else:
+            run_cv(cfg, out, fold=fold, resume=resume, overwrite=overwrite, echo=True)

@@ -126,6 +126,8 @@ class Classifier(nn.Module):
             raise MedgenError(f"classifier needs at least 2 classes, got num_classes={num_classes}")
         self.num_classes = num_classes
         n_in = in_channels
+        # the input the model expects (runtime.bf16_conv_hazards probes it; medgen/models/protocol.py)
+        self.in_channels, self.image_size, self.spatial_dims = n_in, image_size, spatial_dims
         in_channels = 2 * in_channels if standardize else in_channels  # [x, standardised x]
         if backbone == "resnet18":
             self.backbone, n_features = _resnet18(spatial_dims, in_channels, base_width)

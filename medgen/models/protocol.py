@@ -6,8 +6,8 @@ Every model is an nn.Module built from typed keyword arguments (registry.create_
   and `sample(z [N, latent_dim], labels [N]) -> images`. models/sampling.py draws z and calls it;
   training writes montages from it; synth and cv-evaluate sample through it.
 - `example_inputs(batch_size, generator) -> dict` (`HasExampleInputs`): forward() keyword arguments on
-  the CPU. The model checklist test and runtime.bf16_channels_last_hazards (one batch-1 forward that
-  measures each conv's output size) use it; without it they fall back to an image batch `x` built from
+  the CPU. The model checklist test and runtime.bf16_conv_hazards (one batch-1 forward that
+  measures each conv's input size) use it; without it they fall back to an image batch `x` built from
   `in_channels`, `image_size` and `spatial_dims`.
 - `compile_children` (`Compilable`): names of the child modules torch.compile may wrap
   (runtime.compile_model). Children whose loss needs a double backward (WGAN-GP critics) must not be

@@ -376,19 +376,10 @@ def predict(model: nn.Module, data: ImageSet, batch_size: int = 16) -> np.ndarra
     return torch.cat(probs).numpy()
 
 
-def cpu_safe(train: TrainConfig, device: torch.device) -> TrainConfig:
-    """On CPU, "auto" precision/memory format become fp32 and contiguous tensors: with bf16 autocast,
-    oneDNN's conv3d backward gave intermittent NaN gradients here (9 of 30 tiny ResNet passes with
-    channels_last_3d; a NaN loss at iteration 2 of a 32^3 classifier without it; none in fp32)."""
-    if device.type != "cpu":
-        return train
-    return dataclasses.replace(train, precision="fp32" if train.precision == "auto" else train.precision,
-                               channels_last=False if train.channels_last is None else train.channels_last)
-
-
-def classifier_train_config(cfg: Config, n_train: int, device: torch.device | None = None) -> tuple[TrainConfig, int]:
+def classifier_train_config(cfg: Config, n_train: int) -> tuple[TrainConfig, int]:
     """TrainConfig for one classifier arm (cfg.classifier epochs over `n_train` items) and the
-    iterations per epoch (= validation interval)."""
+    iterations per epoch (= validation interval). Precision and memory format follow cfg.train: the
+    training loop's CPU defaults (bf16 with the oneDNN guard, NCDHW for instance norm) suit the classifier."""
     c = cfg.classifier
     per_epoch = max(1, n_train // min(c.batch_size, n_train))
     iterations = max(1, c.epochs * per_epoch)
@@ -396,7 +387,7 @@ def classifier_train_config(cfg: Config, n_train: int, device: torch.device | No
                         precision=cfg.train.precision, compile=False,
                         channels_last=cfg.train.channels_last,
                         log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None)
-    return cpu_safe(train, device or torch.device("cpu")), per_epoch
+    return train, per_epoch
 
 
 def spacing_mm(data: ImageSet) -> float:
@@ -438,7 +429,7 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
         the arm's result (metrics and predictions on validation and test).
     """
     seed = derive_seed(cfg.seed, fold, arm.key)
-    train, per_epoch = classifier_train_config(cfg, len(train_set), device)
+    train, per_epoch = classifier_train_config(cfg, len(train_set))
     c = cfg.classifier
     num_classes = len(train_set.class_names)
     model_kwargs = {"backbone": c.name, "base_width": c.base_width, "dropout": c.dropout}
@@ -534,7 +525,7 @@ def train_generator(cfg: Config, name: str, fold: int, train_set: ImageSet, out:
     done = out / "done.json"
     if done.is_file():
         return out / json.loads(done.read_text(encoding="utf-8"))["checkpoint"]
-    train = cpu_safe(dataclasses.replace(cfg.train), device)
+    train = dataclasses.replace(cfg.train)
     if generator_iterations(cfg, name) is not None:
         train.iterations = generator_iterations(cfg, name)
     train.sample_every = min(train.sample_every, train.iterations) if train.sample_every else 0
@@ -585,9 +576,10 @@ def take_synthetic(pool: dict[int, torch.Tensor], counts: list[int], name: str, 
 
 
 def _config_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The parts of the config that change results (device does not)."""
+    """The parts of the config that change results (device and launcher resources do not)."""
     d = cfg.to_dict()
     d.pop("device", None)
+    d.pop("launcher", None)
     return d
 
 
@@ -787,7 +779,8 @@ def merge(out: str | Path, *, echo: bool = False) -> dict[str, Any]:
 
 
 def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None = None, fold: int | None = None,
-           resume: bool = False, overwrite: bool = False, echo: bool = False) -> dict[str, Any] | None:
+           resume: bool = False, overwrite: bool = False, echo: bool = False, prepare_only: bool = False,
+           merge_when_done: bool = True) -> dict[str, Any] | None:
     """Run the augmentation experiment (all folds, or one with `fold`) and merge when every fold is done.
 
     Args:
@@ -798,8 +791,11 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
         resume: continue into an existing folder, skipping finished folds and arms.
         overwrite: replace an existing folder.
         echo: print the results table to stdout at the end.
+        prepare_only: only check the data and write the run folder (run.json, splits, the phantom's fresh
+            subjects cached), for a launcher that then runs the folds as separate jobs.
+        merge_when_done: merge when every fold is finished (a launcher's fold jobs leave it to the launcher).
     Returns:
-        the merged results, or None when folds are still missing (a --fold job).
+        the merged results, or None when folds are still missing (a --fold job) or with prepare_only.
     """
     out = Path(out)
     if fold is not None and not 0 <= fold < cfg.cv.folds:
@@ -851,6 +847,8 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
         log(f"note: {note}")
     splits = prepare_run(cfg, out, images, source, resume=resume, overwrite=overwrite, fold=fold, notes=notes,
                          n_extra_test=len(extra.test) if extra.test is not None else 0)
+    if prepare_only:
+        return None
     todo = [fold] if fold is not None else list(range(cfg.cv.folds))
     for k in todo:
         if (out / f"fold_{k}" / "fold.json").is_file():
@@ -859,6 +857,8 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
                 continue
         log(f"fold {k + 1}/{cfg.cv.folds}")
         run_fold(cfg, out, images, splits, k, device, resume, extra)
+    if not merge_when_done:
+        return None
     if len(finished_folds(out, cfg.cv.folds)) == cfg.cv.folds:
         return merge(out, echo=echo)
     log(f"folds finished: {len(finished_folds(out, cfg.cv.folds))}/{cfg.cv.folds}; merge when all are done")

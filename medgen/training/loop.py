@@ -31,11 +31,12 @@ from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
 from medgen.models.registry import create_model, model_defaults
 from medgen.runtime import (
-    bf16_channels_last_hazards,
     compile_model,
     configure_backends,
     default_channels_last,
     default_space_to_depth,
+    guard_bf16_convs,
+    has_instance_norm,
     resolve_device,
     resolve_precision,
     to_channels_last,
@@ -93,25 +94,31 @@ def fill_model_kwargs(model_name: str, model_kwargs: dict[str, Any], data: Image
     return kwargs
 
 
+_NOTED: set[str] = set()
+
+
 def prepare_model(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
     """Move to the device, set the memory format and compile submodules (in place; state-dict keys unchanged).
 
-    Defaults per device come from medgen.runtime (channels_last_3d with bf16 on CPU and on CUDA,
-    space-to-depth input convs on CPU, cudnn.benchmark on CUDA). In a data-parallel run (torchrun) BatchNorm becomes SyncBatchNorm on CUDA
+    Defaults per device come from medgen.runtime (channels_last_3d with bf16 on CPU and on CUDA, except
+    for models with instance norm on CPU; under CPU bf16, convs on maps smaller than their kernel in fp32;
+    space-to-depth input convs on CPU; cudnn.benchmark on CUDA). In a data-parallel run (torchrun) BatchNorm becomes SyncBatchNorm on CUDA
     and rank 0's weights are copied to every rank; gradients are averaged in StepContext.backward_step.
     """
     model = distributed.sync_batchnorm(model, device)
     model.to(device)
     configure_backends(device)
+    if device.type == "cpu" and resolve_precision(train.precision, device).name == "bf16":
+        # oneDNN's bf16 backward is wrong for convs whose kernel is larger than their input: those run in fp32
+        guarded = guard_bf16_convs(model)
+        note = (f"bf16: {len(guarded)} conv layer(s) on maps smaller than their kernel run in fp32 "
+                f"({', '.join(guarded[:3])}{', ...' if len(guarded) > 3 else ''})")
+        if guarded and note not in _NOTED:  # once per process: cv-evaluate trains many classifiers
+            _NOTED.add(note)
+            log(note)
     channels_last = train.channels_last
     if channels_last is None:
-        channels_last = default_channels_last(device)
-        if channels_last and device.type == "cpu" and resolve_precision(train.precision, device).name == "bf16":
-            # oneDNN's bf16 channels_last weight gradient is wrong for padded convs on 1-2 voxel maps
-            hazards = bf16_channels_last_hazards(model)
-            if hazards:
-                log(f"channels_last off: bf16 weight gradients of {', '.join(hazards[:3])} are unreliable in it")
-                channels_last = False
+        channels_last = default_channels_last(device) and not (device.type == "cpu" and has_instance_norm(model))
     if channels_last:
         to_channels_last(model)
     if default_space_to_depth(device):

@@ -136,7 +136,7 @@ def test_training_space_input_is_unchanged_and_keeps_tissue(tmp_path):
     data = load_dataset(tmp_path, size=16)
     np.testing.assert_allclose(data.affine, aff)  # their own common affine, not re-centred
     tissue = data.extras["tissue"]
-    assert tissue.shape == (4, 1, 16, 16, 16) and tissue.dtype == torch.int64
+    assert tissue.shape == (4, 1, 16, 16, 16) and tissue.dtype == torch.uint8  # labels 0-3: 1 byte a voxel
     for i in range(4):
         expected = np.asanyarray(nib.load(tmp_path / f"t{i}.nii.gz").dataobj)
         assert np.array_equal(tissue[i, 0].numpy(), expected)
@@ -285,3 +285,12 @@ def test_training_augmentation_flips_left_right_only_when_asked():
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped)
     same = TrainingAugmentation(flip=False, classical=False)(batch, torch.Generator().manual_seed(0)).images
     assert torch.equal(same, x)
+
+
+def test_label_tensor_uses_the_smallest_type_that_holds_the_labels():
+    from medgen.data.preprocessing import label_tensor
+
+    assert label_tensor(torch.tensor([0.0, 3.0])).dtype == torch.uint8
+    wide = label_tensor(torch.tensor([0.0, 2035.0]))  # FreeSurfer-style label values
+    assert wide.dtype == torch.int16 and wide.tolist() == [0, 2035]
+    assert label_tensor(torch.tensor([-1.0, 70000.0])).dtype == torch.int64
