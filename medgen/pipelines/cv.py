@@ -395,7 +395,8 @@ def classifier_train_config(cfg: Config, n_train: int, device: torch.device | No
     train = TrainConfig(iterations=iterations, batch_size=c.batch_size, lr=c.lr, ema_decay=0.0,
                         precision=cfg.train.precision, compile=False,
                         channels_last=cfg.train.channels_last,
-                        log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None)
+                        log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None,
+                        progress_every=cfg.train.progress_every, tensorboard=cfg.train.tensorboard)
     return cpu_safe(train, device or torch.device("cpu")), per_epoch
 
 
@@ -585,9 +586,11 @@ def take_synthetic(pool: dict[int, torch.Tensor], counts: list[int], name: str, 
 
 
 def _config_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The parts of the config that change results (device does not)."""
+    """The parts of the config that change results (device and progress/TensorBoard tracking do not)."""
     d = cfg.to_dict()
     d.pop("device", None)
+    for key in ("progress_every", "tensorboard"):
+        d["train"].pop(key, None)
     return d
 
 
