@@ -124,11 +124,16 @@ class IterationProgress:
         self.last_line = completed
         elapsed = time.perf_counter() - self.t0
         rate = (completed - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = _clock((self.total - completed) / rate) if rate > 0 and completed < self.total else "0:00:00"
+        if completed >= self.total:
+            eta = "ETA 0:00:00"
+        elif final:
+            eta = "stopped early"  # a time budget (train.max_seconds) ended the job
+        else:
+            eta = f"ETA {_clock((self.total - completed) / rate)}" if rate > 0 else "ETA ?"
         pct = 100.0 * completed / self.total if self.total else 100.0
         parts = [f"{self.description}: iteration {completed}/{self.total} ({pct:.0f}%)"]
         if info:
             parts.append(info)
-        parts.append(f"{rate:.3g} it/s, elapsed {_clock(elapsed)}, ETA {eta}")
+        parts.append(f"{rate:.3g} it/s, elapsed {_clock(elapsed)}, {eta}")
         console.file.write(" | ".join(parts) + "\n")
         console.file.flush()
