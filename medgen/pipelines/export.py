@@ -31,6 +31,7 @@ from torch import nn
 
 import medgen
 from medgen.checkpoint import model_from_checkpoint
+from medgen.console import log
 from medgen.errors import MedgenError
 from medgen.models.sampling import draw_latents
 from medgen.outputs import atomic_write, atomic_write_json, atomic_write_text, check_output_dir, staged_dir
@@ -121,7 +122,7 @@ def inference_config(meta: dict[str, Any], latent_dim: int, mapping: tuple[float
         "intensity_range": "$@data_intensity_range if @scale == 'data' else None",
         "affine": np.asarray(meta["affine"], dtype=np.float64).tolist(),
         "nifti": {k: int(v) for k, v in codes.items()},
-        "class_index": "$@class_names.index(@class_name)",
+        "class_index": "$@writer.class_index(@class_names, @class_name)",
         "network": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device).eval()",
         "latents": "$torch.randn(@num_samples, @latent_dim, generator=torch.Generator().manual_seed(@seed))",
         "labels": "$torch.full((@num_samples,), @class_index, dtype=torch.int64)",
@@ -228,6 +229,9 @@ def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, *, over
         shape = tuple(traced(draw_latents(1, latent_dim, 0), torch.zeros(1, dtype=torch.int64)).shape[1:])
     mapping = intensity_map(meta["normalisation"], "data")
     codes = nifti_codes(meta["normalisation"])
+    if mapping is None:
+        log(f"checkpoint {meta['path']} records no intensity scale of its training data (older medgen); the "
+            "bundle writes the model scale [-1, 1]")
     weights = {k: v.detach().clone() for k, v in Sampler(getattr(model, EXPORTABLE[meta["model"]])).state_dict().items()}
     script = resources.files("medgen.pipelines").joinpath("templates/bundle/volumes.py").read_text("utf-8")
     with staged_dir(out, overwrite=overwrite, inputs=[checkpoint], command="export") as tmp:

@@ -57,6 +57,16 @@ for job in json.loads(sys.argv[1]):
     monai.bundle.run(config_file=f"{b}/configs/inference.json", meta_file=f"{b}/configs/metadata.json",
                      logging_file=f"{b}/configs/logging.conf", bundle_root=b, class_name=job["class_name"],
                      num_samples=job["n"], seed=job["seed"], output_dir=job["out"], scale=job.get("scale", "data"))
+try:  # an unknown class is refused by name
+    monai.bundle.run(config_file=f"{b}/configs/inference.json", meta_file=f"{b}/configs/metadata.json",
+                     logging_file=f"{b}/configs/logging.conf", bundle_root=b, class_name="XX", output_dir=b + "-xx")
+except Exception as e:
+    chain = [e]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    assert any("unknown class_name 'XX'; this generator has classes: CN, MCI, AD" in str(x) for x in chain), chain
+else:
+    raise SystemExit("class XX was accepted")
 assert not [m for m in sys.modules if m.startswith("medgen")], "medgen was imported"
 print("ran", len(json.loads(sys.argv[1])), "bundles without medgen")
 """

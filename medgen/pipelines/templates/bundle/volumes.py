@@ -23,6 +23,13 @@ def to_intensity(images: torch.Tensor, intensity_range: Sequence[float] | None) 
     return low + (images + 1.0) * (0.5 * (high - low))
 
 
+def class_index(class_names: Sequence[str], class_name: str) -> int:
+    """Index of `class_name`; an unknown name is one clear error listing the generator's classes."""
+    if class_name not in class_names:
+        raise ValueError(f"unknown class_name {class_name!r}; this generator has classes: {', '.join(class_names)}")
+    return list(class_names).index(class_name)
+
+
 def _save_atomic(image: nib.Nifti1Image, path: str) -> None:
     """nibabel.save to a temp file beside `path`, then rename (never a half-written or replaced file)."""
     if os.path.exists(path):
