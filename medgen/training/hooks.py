@@ -112,8 +112,9 @@ def require_tensorboard() -> None:
 
 @dataclass
 class TensorBoard:
-    """TensorBoard event files in RUN/tensorboard: every logged row's losses (`loss/NAME`) and validation metrics
-    (`val/NAME`) against the iteration, and each sample montage (`samples`, the PNG the Montage hook wrote).
+    """TensorBoard event files in RUN/tensorboard: every logged row's training values (`train/NAME`: the losses)
+    and validation metrics (`val/NAME`) against the iteration, and each sample montage (`samples`, the PNG the
+    Montage hook wrote).
 
     Args:
         folder: the event-file folder.
@@ -135,7 +136,7 @@ class TensorBoard:
         for key, value in row.items():
             if key in ("iteration", "seconds") or not isinstance(value, (int, float)):
                 continue
-            tag = f"val/{key[4:]}" if key.startswith("val_") else f"loss/{key}"
+            tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
             self.writer.add_scalar(tag, float(value), it)
         self.writer.flush()
 

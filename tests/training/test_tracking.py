@@ -109,8 +109,8 @@ def test_tensorboard_losses_montages_and_validation(tmp_path):
         train=train(iterations=4, sample_every=2, log_every=1, tensorboard=True))
     acc = events(run / "tensorboard")
     tags = acc.Tags()
-    assert {"loss/loss", "loss/recon", "loss/kl", "val/score"} <= set(tags["scalars"])
-    loss = acc.Scalars("loss/recon")
+    assert {"train/loss", "train/recon", "train/kl", "val/score"} <= set(tags["scalars"])
+    loss = acc.Scalars("train/recon")
     assert [e.step for e in loss] == [1, 2, 3, 4]
     header = (run / "log.csv").read_text().splitlines()[0].split(",")
     col = header.index("recon")
@@ -133,7 +133,7 @@ def test_tensorboard_off_by_default_and_on_resume(tmp_path):
     assert not (run / "tensorboard").exists()  # off by default
     fit("vae", data16(), run, model_kwargs=KWARGS, device="cpu", resume=True,
         train=train(iterations=5, checkpoint_every=1, tensorboard=True))
-    assert [e.step for e in events(run / "tensorboard").Scalars("loss/loss")] == [4, 5]
+    assert [e.step for e in events(run / "tensorboard").Scalars("train/loss")] == [4, 5]
 
 
 def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
