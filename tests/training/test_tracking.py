@@ -145,3 +145,15 @@ def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["train", "vae", "--out", str(tmp_path / "cli"), "--tensorboard", "--device", "cpu"])
     assert r.exit_code == 1 and "medgen[tensorboard]" in r.output and r.output.strip().count("\n") == 0
     assert not (tmp_path / "cli").exists()
+
+
+def test_tracking_options_do_not_change_a_cv_run_config():
+    """cv-evaluate --resume with --tensorboard or another progress interval continues the same experiment."""
+    from medgen.config import Config
+    from medgen.pipelines.cv import _config_fingerprint
+
+    plain, tracked = Config(), Config()
+    tracked.train.tensorboard, tracked.train.progress_every = True, 7
+    assert _config_fingerprint(tracked) == _config_fingerprint(plain)
+    tracked.train.lr = 1e-3
+    assert _config_fingerprint(tracked) != _config_fingerprint(plain)
