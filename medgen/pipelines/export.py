@@ -150,7 +150,7 @@ def metadata(meta: dict[str, Any], latent_dim: int, shape: tuple[int, ...], mapp
         "required_packages_version": {"nibabel": nib.__version__},
         "name": f"medgen {meta['model']} generator",
         "task": "class-conditional synthesis of 3D T1-weighted brain MRI volumes",
-        "description": f"A {meta['model']} generator trained by medgen: latents and a class give volumes in the "
+        "description": f"The {meta['model']} generator of a medgen training run: latents and a class give volumes in the "
                        "training space (affine, NIfTI codes) and, by default, the training data's intensity scale.",
         "authors": "medgen",
         "copyright": "the owner of the training data and run",
