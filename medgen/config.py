@@ -106,6 +106,8 @@ class TrainConfig:
     sample_every: int = _f(500, ge=0)  # 0: no montages
     checkpoint_every: int = _f(500, ge=0)  # 0: only at the end
     max_seconds: float | None = _f(None, gt=0.0, inf_ok=True)
+    progress_every: int | None = _f(None, ge=1)  # plain progress lines when stderr is not a terminal (None: ~20 a run)
+    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard (pip install medgen[tensorboard])
 
 
 @dataclass

@@ -58,6 +58,12 @@ def cv_evaluate(
                      "resources in the config's launcher section) or local (processes on this machine).",
                      show_default="one process")
     ] = None,
+    tensorboard: Annotated[
+        bool | None,
+        typer.Option("--tensorboard/--no-tensorboard", help="TensorBoard event files in every generator and "
+                     "classifier run folder (pip install 'medgen[tensorboard]').",
+                     show_default=cli.config_default("train.tensorboard")),
+    ] = None,
     overwrite: cli.OverwriteOpt = False,
     device: cli.DeviceOpt = None,
     image_column: cli.ImageColumnOpt = None,
@@ -71,6 +77,7 @@ def cv_evaluate(
     from medgen.outputs import check_output_dir, output_lock
     from medgen.pipelines.cv import merge as merge_folds
     from medgen.pipelines.cv import run_cv
+    from medgen.training.hooks import require_tensorboard
 
     if merge:
         merge_folds(Path(out), echo=True)
@@ -84,7 +91,9 @@ def cv_evaluate(
         check_launcher(launcher)
     cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
-                  seed=seed, device=device, cv__folds=folds)
+                  seed=seed, device=device, cv__folds=folds, train__tensorboard=tensorboard)
+    if cfg.train.tensorboard:
+        require_tensorboard()
     if models is not None:
         cfg.cv.models = _split_list(models, "--models", str)
     if fractions is not None:

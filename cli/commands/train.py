@@ -40,6 +40,18 @@ def train(
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoder/generator forwards.",
                                   show_default=cli.config_default("train.compile"))
     ] = None,
+    progress_every: Annotated[
+        int | None,
+        typer.Option("--progress-every", min=1, help="Iterations between plain progress lines when stderr is not "
+                     "a terminal (batch jobs, log files).",
+                     show_default="config train.progress_every = none: about 20 lines a run"),
+    ] = None,
+    tensorboard: Annotated[
+        bool | None,
+        typer.Option("--tensorboard/--no-tensorboard", help="Log losses, sample montages and validation metrics "
+                     "to RUN/tensorboard (pip install 'medgen[tensorboard]').",
+                     show_default=cli.config_default("train.tensorboard")),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/last.pt.")] = False,
     overwrite: cli.OverwriteOpt = False,
     image_column: cli.ImageColumnOpt = None,
@@ -51,16 +63,20 @@ def train(
     from medgen.outputs import check_output_dir, output_lock
     from medgen.pipelines.site import write_page_safely
     from medgen.runtime import resolve_device, resolve_precision
+    from medgen.training.hooks import require_tensorboard
     from medgen.training.loop import fit
     from medgen.training.preflight import preflight_train
 
     cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
                   seed=seed, device=device, train__iterations=iterations, train__batch_size=batch_size,
-                  train__precision=precision, train__compile=compile_,
+                  train__precision=precision, train__compile=compile_, train__progress_every=progress_every,
+                  train__tensorboard=tensorboard,
                   train__max_seconds=None if max_minutes is None else max_minutes * 60.0)
     # everything the options alone decide is checked before any volume is read
     resolve_precision(cfg.train.precision, resolve_device(cfg.device))
+    if cfg.train.tensorboard:
+        require_tensorboard()
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 owns the run folder
     if rank0:

@@ -386,7 +386,8 @@ def classifier_train_config(cfg: Config, n_train: int) -> tuple[TrainConfig, int
     train = TrainConfig(iterations=iterations, batch_size=c.batch_size, lr=c.lr, ema_decay=0.0,
                         precision=cfg.train.precision, compile=False,
                         channels_last=cfg.train.channels_last,
-                        log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None)
+                        log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None,
+                        progress_every=cfg.train.progress_every, tensorboard=cfg.train.tensorboard)
     return train, per_epoch
 
 
@@ -576,10 +577,13 @@ def take_synthetic(pool: dict[int, torch.Tensor], counts: list[int], name: str, 
 
 
 def _config_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The parts of the config that change results (device and launcher resources do not)."""
+    """The parts of the config that change results (device, launcher resources and progress/TensorBoard
+    tracking do not)."""
     d = cfg.to_dict()
     d.pop("device", None)
     d.pop("launcher", None)
+    for key in ("progress_every", "tensorboard"):
+        d["train"].pop(key, None)
     return d
 
 

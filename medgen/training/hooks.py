@@ -1,13 +1,17 @@
 """What fit() does between iterations besides stepping: validation (and best.pt), sample montages (with a real
-reference row per class) and the loss-curve picture of log.csv."""
+reference row per class), the loss-curve picture of log.csv, and TensorBoard event files (train.tensorboard)."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from medgen.errors import MedgenError
@@ -94,3 +98,55 @@ class LossCurve:
     def __call__(self, run: RunDir, history: list[dict[str, Any]]) -> None:
         if run.main:
             save_loss_curves(history, run.loss_curve_path, title=f"{self.title}: log.csv")
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def require_tensorboard() -> None:
+    """One clear error when train.tensorboard is asked for but the tensorboard package is missing."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise MedgenError("train.tensorboard (--tensorboard) needs the tensorboard package: "
+                          "pip install 'medgen[tensorboard]'")
+
+
+@dataclass
+class TensorBoard:
+    """TensorBoard event files in RUN/tensorboard: every logged row's training values (`train/NAME`: the losses)
+    and validation metrics (`val/NAME`) against the iteration, and each sample montage (`samples`, the PNG the
+    Montage hook wrote).
+
+    Args:
+        folder: the event-file folder.
+        purge_step: on resume, the first iteration to log again (TensorBoard drops older events from there on).
+    """
+
+    folder: Path
+    purge_step: int | None = None
+    writer: Any = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter  # heavy and optional: only when asked for
+
+        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=self.purge_step)
+
+    def scalars(self, row: dict[str, Any]) -> None:
+        it = int(row["iteration"])
+        for key, value in row.items():
+            if key in ("iteration", "seconds") or not isinstance(value, (int, float)):
+                continue
+            tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+            self.writer.add_scalar(tag, float(value), it)
+        self.writer.flush()
+
+    def image(self, png: Path, iteration: int) -> None:
+        if not png.is_file():
+            return
+        with Image.open(png) as im:
+            pixels = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
+        self.writer.add_image("samples", pixels, iteration, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -3,7 +3,8 @@
 fit() is a short loop over a TrainState (training/state.py: model, optimizers, scalers, EMA, RNGs, batch
 order; its checkpoint round trip makes `resume=True` continue bit-exactly) writing into a RunDir
 (training/run_dir.py: config.yaml, log.csv, samples/, last.pt, final.pt, best.pt), with hooks
-(training/hooks.py) for validation and sample montages. Per iteration: the state draws a batch (own
+(training/hooks.py) for validation, sample montages and TensorBoard (train.tensorboard). Progress goes to
+stderr: a bar on a terminal, plain lines every train.progress_every iterations otherwise. Per iteration: the state draws a batch (own
 seeded order), applies the optional augmentation, calls the Step, checks the losses are finite and
 updates the EMA; then validation, the log row, the montage and the checkpoint, each when due.
 """
@@ -26,7 +27,7 @@ from medgen.checkpoint import (
     to_plain,
 )
 from medgen.config import TrainConfig
-from medgen.console import log, make_progress
+from medgen.console import IterationProgress, log
 from medgen.data.dataset import ImageSet
 from medgen.errors import MedgenError
 from medgen.models.registry import create_model, model_defaults
@@ -43,7 +44,15 @@ from medgen.runtime import (
     use_space_to_depth_stems,
 )
 from medgen.training import distributed
-from medgen.training.hooks import LossCurve, Montage, Validation, reference_images
+from medgen.training.hooks import (
+    TENSORBOARD_DIR,
+    LossCurve,
+    Montage,
+    TensorBoard,
+    Validation,
+    reference_images,
+    require_tensorboard,
+)
 from medgen.training.run_dir import RunDir
 from medgen.training.state import TrainState, check_resume, data_fingerprint
 from medgen.training.steps import Batch, create_step
@@ -179,6 +188,8 @@ def fit(
     run = RunDir(out, main=rank == 0)
     run.check(overwrite=overwrite, resume=resume)
     check_inputs(data, train, world)
+    if train.tensorboard:
+        require_tensorboard()
     resuming = run.open(overwrite=overwrite, resume=resume)
     state = build_state(model_name, data, train, dev, seed, rank, world, model, model_kwargs, step_kwargs)
     cfg_dict = to_plain(config) if config is not None else {
@@ -203,31 +214,41 @@ def fit(
         return state.seconds_before + time.perf_counter() - t0
 
     state.model.train()
-    with make_progress() as progress:
-        task = progress.add_task(f"train {model_name}", total=train.iterations, completed=state.iteration, info="")
-        while state.iteration < train.iterations:
-            values = state.train_step(data, transform, run.good_checkpoint)
-            it, now = state.iteration, seconds()
-            stopped_by_time = train.max_seconds is not None and now >= train.max_seconds
-            done = it == train.iterations or stopped_by_time
-            checkpoint = functools.partial(state.checkpoint, data, cfg_dict, now)
-            metrics = validation(state, run, checkpoint) if validation and validation.due(it, done) else {}
-            if it % max(train.log_every, 1) == 0 or done:
-                history.append({"iteration": it, "seconds": round(now, 3), **values,
-                                **{f"val_{k}": v for k, v in metrics.items()}})
-                run.append_log(history[-1], history)
-                progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in values.items()))
-            if montage.due(it, done):
-                montage(state, run)
-            if curves.due(it, done):
-                curves(run, history)
-            if (train.checkpoint_every and it % train.checkpoint_every == 0) or done:
-                state.check_finite_weights(run.good_checkpoint)  # never write or name good NaN weights
-                run.save_last(checkpoint())
-            progress.update(task, completed=it)
-            if stopped_by_time:
-                log(f"time budget of {train.max_seconds:g} s reached at iteration {it}")
-                break
+    tensorboard = None
+    if train.tensorboard and run.main:
+        tensorboard = TensorBoard(run.path / TENSORBOARD_DIR, purge_step=state.iteration + 1 if resuming else None)
+    every = train.progress_every or max(1, train.iterations // 20)
+    try:
+        with IterationProgress(f"train {model_name}", train.iterations, state.iteration, every) as progress:
+            while state.iteration < train.iterations:
+                values = state.train_step(data, transform, run.good_checkpoint)
+                it, now = state.iteration, seconds()
+                stopped_by_time = train.max_seconds is not None and now >= train.max_seconds
+                done = it == train.iterations or stopped_by_time
+                checkpoint = functools.partial(state.checkpoint, data, cfg_dict, now)
+                metrics = validation(state, run, checkpoint) if validation and validation.due(it, done) else {}
+                if it % max(train.log_every, 1) == 0 or done:
+                    history.append({"iteration": it, "seconds": round(now, 3), **values,
+                                    **{f"val_{k}": v for k, v in metrics.items()}})
+                    run.append_log(history[-1], history)
+                    if tensorboard is not None:
+                        tensorboard.scalars(history[-1])
+                if montage.due(it, done):
+                    montage(state, run)
+                    if tensorboard is not None:
+                        tensorboard.image(run.montage_path(it), it)
+                if curves.due(it, done):
+                    curves(run, history)
+                if (train.checkpoint_every and it % train.checkpoint_every == 0) or done:
+                    state.check_finite_weights(run.good_checkpoint)  # never write or name good NaN weights
+                    run.save_last(checkpoint())
+                progress.update(it, values, final=done)
+                if stopped_by_time:
+                    log(f"time budget of {train.max_seconds:g} s reached at iteration {it}")
+                    break
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     total = seconds()
     run.finalise(functools.partial(state.checkpoint, data, cfg_dict, total))
     return FitResult(checkpoint=run.final, best=run.best if run.best.is_file() else None, history=history,

@@ -26,8 +26,8 @@ from medgen.training.steps import Batch, Step, StepContext
 
 # Settings a resumed run may change: how long it runs and how often it reports (not what it computes).
 RESUME_MAY_CHANGE = {"device", "train.iterations", "train.max_seconds", "train.log_every", "train.sample_every",
-                     "train.checkpoint_every", "data.path", "data.cache", "data.image_column", "data.label_column",
-                     "data.group_column", "phantom.cache_dir"}
+                     "train.checkpoint_every", "train.progress_every", "train.tensorboard", "data.path", "data.cache",
+                     "data.image_column", "data.label_column", "data.group_column", "phantom.cache_dir"}
 
 
 def data_fingerprint(data: ImageSet) -> str:
