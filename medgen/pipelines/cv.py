@@ -387,7 +387,8 @@ def classifier_train_config(cfg: Config, n_train: int) -> tuple[TrainConfig, int
                         precision=cfg.train.precision, compile=False,
                         channels_last=cfg.train.channels_last,
                         log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None,
-                        progress_every=cfg.train.progress_every, tensorboard=cfg.train.tensorboard)
+                        # batch logs: one line per classifier arm unless asked (cv-evaluate trains dozens)
+                        progress_every=cfg.train.progress_every or iterations, tensorboard=cfg.train.tensorboard)
     return train, per_epoch
 
 
