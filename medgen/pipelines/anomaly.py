@@ -54,7 +54,7 @@ from medgen.runtime import resolve_device
 from medgen.viz import plot_groups, plot_roc, save_anomaly_overlays
 
 SCORES = ("error_mean", "error_top", "z_mean", "z_top", "code_distance")
-HEADLINE = "z_top"  # the score the page and the summary lead with
+HEADLINE = "error_top"  # the score the page, ROC plot and summary lead with (every score is in metrics.json)
 AFFECTED = ("hippocampus", "ventricles")  # the phantom's affected regions (medgen.data.anatomy)
 OVERLAYS_PER_CLASS = 3
 
@@ -152,7 +152,7 @@ def detect_anomalies(checkpoint: str | Path, data: str | Path | ImageSet | None,
             r = roc(vals[sel], labels[sel] == c)
             aucs[f"{normal}_vs_{name}"][s] = round(r["auc"], 4)
             curves[f"{normal} vs {name} ({s})"] = r
-    headline = HEADLINE if HEADLINE in scores else "error_top"
+    headline = HEADLINE
     per_class = {n: int((labels == i).sum()) for i, n in enumerate(names)}
     metrics: dict[str, Any] = {
         "checkpoint": str(meta["path"]), "model": meta["model"], "checkpoint_step": meta["step"],
