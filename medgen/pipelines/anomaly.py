@@ -201,14 +201,14 @@ def detect_anomalies(checkpoint: str | Path, data: str | Path | ImageSet | None,
             w = csv.writer(fh)
             w.writerow(["subject", "scan", "class", *SCORES])
             w.writerows(rows)
-        shown_map = z if z is not None else err
+        shown_map = z if z is not None and headline.startswith("z_") else err  # the maps the headline score reads
         picks = [i for c in range(len(names)) for i in np.nonzero(labels == c)[0][:OVERLAYS_PER_CLASS].tolist()]
         vmax = float(torch.quantile(shown_map[:, torch.from_numpy(mask)].flatten()[:2_000_000], 0.999))
         save_anomaly_overlays([(f"{test.subjects[i]} {names[int(labels[i])]}", test.images[i, 0].numpy(),
                                 recon[i, 0].numpy(), np.clip(shown_map[i].numpy(), 0, None)) for i in picks],
                               tmp / "overlays.png", vmax=max(vmax, 1e-6),
                               title=f"{meta['model']} trained on {normal}: reconstruction error",
-                              label="z" if z is not None else "|error|")
+                              label="z" if shown_map is z else "|error|")
         atomic_write_bytes(tmp / "roc.png", plot_roc(
             [(k, np.asarray(v["fpr"]), np.asarray(v["tpr"]), v["auc"]) for k, v in curves.items()
              if k.endswith(f"({headline})") and v["fpr"]], title=f"ROC, score {headline}"))

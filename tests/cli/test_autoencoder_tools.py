@@ -168,3 +168,18 @@ def test_commands_refuse_a_model_without_encoder(phantom, config, tmp_path):
         r = invoke(cmd, "--checkpoint", gan, "--out", tmp_path / cmd)
         assert r.exit_code == 1 and "needs an autoencoder" in r.output, (cmd, r.output)
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / cmd).exists()
+
+
+def test_alpha_gan_encoder_and_generator_score_anomalies(phantom, config, tmp_path):
+    run = tmp_path / "ag"
+    train("alpha-gan", phantom, config, run, "--classes", "CN", "--holdout", 0.5)
+    out = tmp_path / "an"
+    r = invoke("anomaly", "--checkpoint", run, "--data", phantom, "--out", out, "--no-maps")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "alpha-gan" and not (out / "maps").exists()
+    assert 0.0 <= m["auc"]["CN_vs_AD"]["code_distance"] <= 1.0
+    site = tmp_path / "site"
+    r = invoke("report", out, "--out", site)
+    assert r.exit_code == 0, r.output
+    assert "anomaly" in (site / "index.html").read_text()
