@@ -43,6 +43,7 @@ from medgen.outputs import atomic_write_bytes, check_output_dir, staged_dir
 from medgen.pipelines.autoencoders import (
     brain_mask,
     checkpoint_data,
+    data_label,
     load_autoencoder,
     trained_classes,
     training_subjects,
@@ -156,7 +157,7 @@ def detect_anomalies(checkpoint: str | Path, data: str | Path | ImageSet | None,
     per_class = {n: int((labels == i).sum()) for i, n in enumerate(names)}
     metrics: dict[str, Any] = {
         "checkpoint": str(meta["path"]), "model": meta["model"], "checkpoint_step": meta["step"],
-        "data": "ImageSet" if isinstance(data, ImageSet) else str(data or "the run's training data"),
+        "data": data_label(meta, data),
         "normal": normal, "trained_classes": trained, "headline_score": headline,
         "scored_subjects": len(set(test.subjects)), "scored_per_class": per_class,
         "training_subjects_in_data": len(seen), "leakage_check": "no scored subject is among the checkpoint's "

@@ -101,3 +101,18 @@ def brain_mask(ds: ImageSet, reference: torch.Tensor | None = None) -> np.ndarra
     """Brain voxels [*S]: where the mean volume (of `reference`, else all) is above the background (-0.9)."""
     imgs = ds.images if reference is None else reference
     return (imgs[:, 0].float().mean(dim=0) > -0.9).numpy()
+
+
+def data_label(meta: dict[str, Any], data: str | os.PathLike | ImageSet | None) -> str:
+    """What the volumes were, for result files: the --data spec, or the data the run's config names."""
+    if isinstance(data, ImageSet):
+        return "ImageSet"
+    if data is not None:
+        return str(data)
+    cfg = meta.get("config") or {}
+    path = (cfg.get("data") or {}).get("path")
+    if path:
+        return f"{path} (the run's training data)"
+    ph = cfg.get("phantom") or {}
+    return "built-in phantom " + ", ".join(f"{k} {ph[k]}" for k in ("n", "seed", "size") if k in ph) + \
+        " (the run's training data)"

@@ -35,6 +35,7 @@ from medgen.models.sampling import reconstruct
 from medgen.outputs import atomic_write_bytes, check_output_dir, staged_dir
 from medgen.pipelines.autoencoders import (
     checkpoint_data,
+    data_label,
     load_autoencoder,
     trained_classes,
     unseen,
@@ -116,7 +117,7 @@ def denoise(checkpoint: str | Path, data: str | Path | ImageSet | None, out: str
     metrics: dict[str, Any] = {
         "checkpoint": str(meta["path"]), "model": meta["model"], "checkpoint_step": meta["step"],
         "input_noise_trained": float((meta.get("step_kwargs") or {}).get("input_noise", 0.0)),
-        "data": "ImageSet" if isinstance(data, ImageSet) else str(data or "the run's training data"),
+        "data": data_label(meta, data),
         "volumes": len(test), "held_out_subjects": len(set(test.subjects)),
         "leakage_check": "no test subject is among the checkpoint's training subjects (checked)",
         "clean_reconstruction": {"psnr": round(float(p0.mean()), 3), "ssim": round(float(s0.mean()), 4)},

@@ -27,6 +27,7 @@ from medgen.models.sampling import decode, encode
 from medgen.outputs import check_output_dir, staged_dir
 from medgen.pipelines.autoencoders import (
     checkpoint_data,
+    data_label,
     load_autoencoder,
     trained_classes,
     unseen,
@@ -137,7 +138,7 @@ def traverse(checkpoint: str | Path, data: str | Path | ImageSet | None, out: st
 
     info: dict[str, Any] = {
         "checkpoint": str(meta["path"]), "model": meta["model"], "checkpoint_step": meta["step"],
-        "data": "ImageSet" if isinstance(data, ImageSet) else str(data or "the run's training data"),
+        "data": data_label(meta, data),
         "subject_a": {"subject": ds.subjects[a], "class": names[ya], "held_out": a in held},
         "subject_b": {"subject": ds.subjects[b], "class": names[yb], "held_out": b in held},
         "steps": steps, "latent_dim": int(codes.shape[1]),
