@@ -108,6 +108,11 @@ class TrainConfig:
     max_seconds: float | None = _f(None, gt=0.0, inf_ok=True)
     progress_every: int | None = _f(None, ge=1)  # plain progress lines when stderr is not a terminal (None: ~20 a run)
     tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard (pip install medgen[tensorboard])
+    # What `medgen train` trains on: a share of the subjects of every class held out (a seeded, stratified,
+    # subject-level split recorded in RUN/split.json) and the classes kept of the rest (None: all), e.g.
+    # classes [CN] and holdout 0.25 for an anomaly detector whose held-out subjects were never seen.
+    classes: list[str] | None = None
+    holdout: float = _f(0.0, ge=0.0, lt=1.0)
 
 
 @dataclass

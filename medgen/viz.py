@@ -449,3 +449,161 @@ def plot_curves(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
         plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
+
+
+def _views(volume: np.ndarray, views: Sequence[int]) -> list[np.ndarray]:
+    all_views = ras_views(volume)
+    return [all_views[v] for v in views]
+
+
+def save_strip(rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[str]]], path: str | os.PathLike,
+               title: str = "", view: int = 0, highlight: Sequence[Sequence[bool]] | None = None) -> None:
+    """A labelled strip of volumes: one row per (row label, volumes [X, Y, Z] in [-1, 1], column labels), each
+    volume shown as one RAS mid-slice (`view`: 0 axial, 1 coronal, 2 sagittal); `highlight` frames real images.
+
+    Args:
+        rows: the rows; every volume has a column label above it.
+        path: output PNG (written atomically).
+        title: figure title.
+        view: which mid-slice.
+        highlight: per row and column, whether to frame the tile in green (e.g. the real endpoints).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = max(len(vols) for _, vols, _ in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.25 * ncols + 0.6, 1.45 * len(rows) + 0.5), squeeze=False)
+    name, left, right = VIEWS[view]
+    for i, (label, vols, col_labels) in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(vols):
+                ax.axis("off")
+                continue
+            ax.imshow(_views(np.asarray(vols[j]), [view])[0], cmap="gray", vmin=-1, vmax=1)
+            ax.set_title(col_labels[j], fontsize=6)
+            framed = bool(highlight and highlight[i][j])
+            for side in ax.spines.values():
+                side.set_visible(framed)
+                side.set_color("tab:green")
+                side.set_linewidth(2)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7)
+                style = {"color": "yellow", "fontsize": 6, "fontweight": "bold", "va": "center", "transform": ax.transAxes}
+                ax.text(0.03, 0.5, left, ha="left", **style)
+                ax.text(0.97, 0.5, right, ha="right", **style)
+    fig.suptitle(f"{title} ({name} mid-slices)" if title else f"{name} mid-slices", fontsize=8)
+    fig.tight_layout()
+    atomic_write_bytes(path, _png(fig))
+    plt.close(fig)
+
+
+def save_anomaly_overlays(items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | os.PathLike,
+                          vmax: float, title: str = "", label: str = "error") -> None:
+    """Per subject one row: input, reconstruction and the error map over the input, axial and coronal mid-slices.
+
+    Args:
+        items: (row label, input [X, Y, Z] in [-1, 1], reconstruction, error map [X, Y, Z] >= 0).
+        path: output PNG (written atomically).
+        vmax: error at the top of the colour scale (the same for every row).
+        title: figure title.
+        label: what the map shows (colour bar label).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(items)
+    height = 1.45 * n + 0.7
+    fig, axes = plt.subplots(n, 6, figsize=(8.4, height), squeeze=False)
+    fig.subplots_adjust(left=0.05, right=0.86, bottom=0.1 / height, top=1 - 0.55 / height, hspace=0.18, wspace=0.04)
+    im = None
+    for i, (row, x, recon, err) in enumerate(items):
+        tiles = []
+        for v in (0, 1):
+            xs, rs, es = _views(x, [v])[0], _views(recon, [v])[0], _views(err, [v])[0]
+            tiles += [(xs, None, f"input {VIEWS[v][0]}"), (rs, None, "reconstruction"), (xs, es, f"{label} overlay")]
+        for j, (img, heat, name) in enumerate(tiles):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
+            if heat is not None:
+                im = ax.imshow(np.ma.masked_less_equal(heat, 0.05 * vmax), cmap="hot", vmin=0, vmax=vmax, alpha=0.75)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+        axes[i, 0].set_ylabel(row, fontsize=7)
+    if im is not None:
+        fig.colorbar(im, cax=fig.add_axes((0.88, 0.3, 0.02, 0.4)), label=label)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.15 / height)
+    atomic_write_bytes(path, _png(fig))
+    plt.close(fig)
+
+
+def plot_roc(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], title: str = "") -> bytes:
+    """ROC curves: (name, false positive rates, true positive rates, AUC) each, beside the chance diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    for name, fpr, tpr, auc in curves:
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title or "ROC", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_groups(groups: dict[str, Sequence[float]], ylabel: str, title: str = "") -> bytes:
+    """Box plot with the points of each group (e.g. anomaly scores per class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(groups)
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    ax.boxplot([list(groups[n]) for n in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(groups[n])})" for n in names], fontsize=8)
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(names):
+        ys = np.asarray(groups[n], dtype=float)
+        ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, len(ys)), ys, s=6, alpha=0.6)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_denoise(levels: Sequence[float], series: dict[str, Sequence[float]], ylabel: str, title: str = "") -> bytes:
+    """A metric (PSNR or SSIM) against the noise level, one line per method (noisy input, model, baselines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.4, 3.4))
+    xs = [100 * v for v in levels]
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.4, label=name)
+    ax.set_xlabel("noise level (% of the intensity range)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    data = _png(fig)
+    plt.close(fig)
+    return data

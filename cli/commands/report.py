@@ -16,8 +16,8 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders (train, cv-evaluate, segment), evaluate-synth JSON "
-                                                    "files, or folders holding them (searched a few levels deep).")],
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (train, cv-evaluate, segment, traverse, anomaly, denoise), "
+                                                    "evaluate-synth JSON files, or folders holding them (searched a few levels deep).")],
     out: OutOpt,
     title: Annotated[str, typer.Option("--title", help="Title of the index page.")] = "medgen runs",
     overwrite: OverwriteOpt = False,

@@ -141,3 +141,78 @@ def make_splits(subjects: list[str], labels: list[int] | np.ndarray, class_names
     for k, (tr, va) in enumerate(skf.split(np.zeros(len(rest_ids)), rest_y)):
         out.append(Fold(index=k, train=sorted(rest_ids[i] for i in tr), val=sorted(rest_ids[i] for i in va)))
     return Splits(seed=seed, test=sorted(ids[i] for i in test_pos), folds=out, class_names=list(class_names))
+
+
+def holdout_split(subjects: list[str], labels: list[int] | np.ndarray, class_names: list[str], *,
+                  holdout: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Hold out a share of every class's subjects (stratified, subject-level, deterministic in seed).
+
+    Args:
+        subjects: subject id per scan (repeated scans share an id).
+        labels: class index per scan.
+        class_names: names of the classes (index = label), for error messages.
+        holdout: share of the subjects held out, in (0, 1).
+        seed: random seed of the splitter.
+    Returns:
+        (training subject ids, held-out subject ids), each sorted.
+    """
+    if not 0.0 < holdout < 1.0:
+        raise MedgenError(f"train.holdout must be in (0, 1), got {holdout!r}")
+    by_subject = subject_labels(subjects, labels)
+    ids = sorted(by_subject)
+    y = np.array([by_subject[s] for s in ids])
+    counts = Counter(y.tolist())
+    for c, k in sorted(counts.items()):
+        if k < 2:
+            raise MedgenError(f"class {class_names[c]!r} has {k} subject; holding out a share of every class "
+                              "needs at least 2 per class")
+    n_out = max(len(counts), int(round(holdout * len(ids))))
+    if n_out > len(ids) - len(counts):
+        raise MedgenError(f"train.holdout={holdout:g} of {len(ids)} subjects leaves too few to train on")
+    sss = StratifiedShuffleSplit(n_splits=1, test_size=n_out, random_state=seed)
+    keep, out = next(sss.split(np.zeros(len(ids)), y))
+    return sorted(ids[i] for i in keep), sorted(ids[i] for i in out)
+
+
+def training_selection(subjects: list[str], labels: list[int] | np.ndarray, class_names: list[str], *,
+                       classes: list[str] | None = None, holdout: float = 0.0,
+                       seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Which scans `medgen train` trains on: a held-out share of every class's subjects left out (holdout_split),
+    then only the scans of `classes` kept.
+
+    Args:
+        subjects: subject id per scan.
+        labels: class index per scan.
+        class_names: the data's class names.
+        classes: class names to train on (None: all).
+        holdout: share of subjects held out (0: none).
+        seed: seed of the held-out split.
+    Returns:
+        (positions of the training scans, the record written to RUN/split.json: the rule, the training and the
+        held-out subject ids).
+    """
+    labels = np.asarray(labels)
+    keep_classes = list(class_names) if not classes else list(dict.fromkeys(classes))
+    for name in keep_classes:
+        if name not in class_names:
+            raise MedgenError(f"--classes: unknown class {name!r}; the data has classes: {', '.join(class_names)}")
+    held: list[str] = []
+    if holdout > 0:
+        _, held = holdout_split(subjects, labels, class_names, holdout=holdout, seed=seed)
+    held_set = set(held)
+    wanted = {class_names.index(n) for n in keep_classes}
+    by_subject = subject_labels(subjects, labels)
+    pos = np.array([i for i, s in enumerate(subjects) if s not in held_set and by_subject[s] in wanted],
+                   dtype=np.int64)
+    if len(pos) == 0:
+        raise MedgenError(f"no training scans left: classes {', '.join(keep_classes)} with holdout {holdout:g}")
+    train_ids = sorted({subjects[i] for i in pos})
+    record = {
+        "rule": (f"subjects of every class held out: {holdout:g} (stratified, seed {seed}); of the rest, "
+                 f"the classes {', '.join(keep_classes)} train"),
+        "classes": keep_classes, "holdout": holdout, "seed": seed, "class_names": list(class_names),
+        "train": train_ids, "held_out": held,
+        "held_out_per_class": {n: sum(by_subject[s] == i for s in held) for i, n in enumerate(class_names)},
+        "train_per_class": {n: sum(by_subject[s] == i for s in train_ids) for i, n in enumerate(class_names)},
+    }
+    return pos, record

@@ -125,9 +125,14 @@ class ClassConditionedLinear(nn.Module):
             nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """x [B, in_features]; labels [B] class indices, or [B, num_classes] class weights (a soft condition,
+        e.g. between two classes: the weighted mean of their embeddings)."""
         out = self.linear(x)
         if self.embed is not None:
-            out = out + self.embed(labels)
+            if labels is not None and labels.is_floating_point() and labels.ndim == 2:
+                out = out + labels.to(self.embed.weight.dtype) @ self.embed.weight  # [B, K] @ [K, F] -> [B, F]
+            else:
+                out = out + self.embed(labels)
         return out
 
 

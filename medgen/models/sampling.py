@@ -30,15 +30,18 @@ def decode(
     device: str | torch.device = "cpu",
     precision: Any = None,
 ) -> torch.Tensor:
-    """Decode latents z [N, latent_dim] with labels [N] by `model.sample`, in eval mode, batch by batch.
+    """Decode latents z [N, latent_dim] with labels [N] (or class weights [N, K]) by `model.sample`, in eval mode,
+    batch by batch.
 
     Returns:
         [N, C, *spatial] float32 on the CPU, clamped to [-1, 1].
     """
     if not can_sample(model):
         raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
-    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    if labels.numel() == 0:
+    labels = torch.as_tensor(labels)
+    if not (labels.is_floating_point() and labels.ndim == 2):  # [N, K] class weights stay soft conditions
+        labels = labels.to(torch.int64).reshape(-1)
+    if labels.shape[0] == 0:
         raise MedgenError("no labels to sample")
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     was_training = model.training
@@ -47,7 +50,7 @@ def decode(
     chunks = []
     ctx = precision.autocast if precision is not None else _null
     with torch.no_grad():
-        for i in range(0, labels.numel(), max(1, batch_size)):
+        for i in range(0, labels.shape[0], max(1, batch_size)):
             with ctx():
                 x = model.sample(z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev))
             chunks.append(x.float().cpu())
@@ -89,3 +92,36 @@ def _null():
 
 def can_sample(model: nn.Module) -> bool:
     return hasattr(model, "sample") and hasattr(model, "latent_dim")
+
+
+def can_encode(model: nn.Module) -> bool:
+    """Whether the model is an autoencoder medgen can encode with (vae: the posterior mean; alpha-gan: E(x))."""
+    return can_sample(model) and hasattr(model, "encode")
+
+
+def encode(model: nn.Module, images: torch.Tensor, labels: Sequence[int] | torch.Tensor, *, batch_size: int = 8,
+           device: str | torch.device = "cpu") -> torch.Tensor:
+    """Latent codes [N, latent_dim] of images [N, C, *spatial] (in [-1, 1]) in eval mode: the VAE's posterior mean,
+    the alpha-GAN encoder's code. Returned float32 on the CPU."""
+    if not can_encode(model):
+        raise MedgenError(f"model {type(model).__name__} has no encoder (use a vae or alpha-gan checkpoint)")
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    was_training = model.training
+    model.eval()
+    model.to(dev)
+    out = []
+    with torch.no_grad():
+        for i in range(0, labels.numel(), max(1, batch_size)):
+            code = model.encode(images[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev))
+            code = code[0] if isinstance(code, tuple) else code  # vae: (mu, logvar) -> mu
+            out.append(code.float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def reconstruct(model: nn.Module, images: torch.Tensor, labels: Sequence[int] | torch.Tensor, *,
+                batch_size: int = 8, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Decode(encode(images)) with the same labels: [N, C, *spatial] float32 on the CPU in [-1, 1]."""
+    z = encode(model, images, labels, batch_size=batch_size, device=device)
+    return decode(model, z, labels, batch_size=batch_size, device=device)

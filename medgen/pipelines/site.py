@@ -39,7 +39,8 @@ from medgen.outputs import MARKER, atomic_write_text, staged_dir
 from medgen.viz import plot_curves
 
 PAGE = "index.html"
-KINDS = ("train", "cv-evaluate", "segment", "evaluate-synth")
+KINDS = ("train", "cv-evaluate", "segment", "evaluate-synth", "traverse", "anomaly", "denoise")
+_TOOLKIT = {"traverse": "traverse.json", "anomaly": "metrics.json", "denoise": "metrics.json"}  # kind -> result file
 MAX_MONTAGES = 12  # montages shown per training run (evenly spaced, the last always included)
 MAX_PANELS = 16
 _SKIP_COLUMNS = ("iteration", "seconds")
@@ -130,6 +131,8 @@ def detect_kind(path: str | os.PathLike) -> str | None:
         return "segment"
     if command == "train" or ((p / "log.csv").is_file() and (p / "config.yaml").is_file()):
         return "train"
+    if command in _TOOLKIT:
+        return command
     if command == "evaluate-synth" or _synth_json(p) is not None:
         return "evaluate-synth"
     return None
@@ -321,7 +324,8 @@ def _train_run(path: Path) -> Run:
     step = (cfg.get("steps") or {}).get(model) or info.get("step_kwargs") or {}
     settings += [(f"step.{k}", v) for k, v in step.items()]
     settings += [(f"train.{k}", v) for k, v in train_cfg.items()
-                 if k in ("iterations", "batch_size", "lr", "ema_decay", "precision", "max_seconds")]
+                 if k in ("iterations", "batch_size", "lr", "ema_decay", "precision", "max_seconds", "classes",
+                          "holdout") and train_cfg.get(k) not in (None, [], 0.0)]
     if info.get("class_names"):
         settings.append(("classes", ", ".join(map(str, info["class_names"]))))
     settings += [("seed", cfg.get("seed")), ("data", run.data)]
@@ -333,7 +337,7 @@ def _train_run(path: Path) -> Run:
                                                    "does not sample)"}]))
     run.assets += [m[0] for m in montages]
     run.thumb = montages[-1][0] if montages else ""
-    files = ["config.yaml", "log.csv"]
+    files = ["config.yaml", "log.csv", "split.json"]
     for p in sorted(path.glob("*.json")):  # `medgen evaluate-synth --json RUN/x.json` results
         res = _read_json(p) if p.stat().st_size < 5_000_000 else None
         if _is_synth_metrics(res):
@@ -596,7 +600,87 @@ def _synth_run(path: Path) -> Run:
     return run
 
 
-_BUILDERS = {"train": _train_run, "cv-evaluate": _cv_run, "segment": _segment_run, "evaluate-synth": _synth_run}
+def _pngs(run: Run, names: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    pics = [(n, c) for n, c in names if (run.root / n).is_file()]
+    run.assets += [p for p, _ in pics]
+    if pics and not run.thumb:
+        run.thumb = pics[0][0]
+    return pics
+
+
+def _toolkit_run(path: Path, kind: str) -> Run:
+    """A traverse, anomaly or denoise folder: its result file's figures, tables and pictures."""
+    res = _read_json(path / _TOOLKIT[kind])
+    if not isinstance(res, dict):
+        raise MedgenError(f"{path}: no readable {_TOOLKIT[kind]}")
+    run = Run(path, kind, model=str(res.get("model", "")), data=str(res.get("data", "")),
+              date=_mtime([path / _TOOLKIT[kind]]))
+    settings = [(k, res.get(k)) for k in ("checkpoint", "checkpoint_step") if k in res]
+    if kind == "anomaly":
+        score = res.get("headline_score", "")
+        for pair, vals in (res.get("auc") or {}).items():
+            run.figures.append((f"AUC {pair.replace('_', ' ')}", fmt(vals.get(score), 3), _sortval(vals.get(score))))
+        scores = list(next(iter((res.get("auc") or {}).values()), {}))
+        run.sections.append(("ROC AUC (held-out subjects)", [table(
+            ["normal vs class", *scores], [[p.replace("_", " "), *[v.get(s) for s in scores]]
+                                           for p, v in (res.get("auc") or {}).items()], cls="scores",
+            caption=f"normal class {res.get('normal')}; scored per class: {fmt(res.get('scored_per_class'))}; "
+                    f"{res.get('leakage_check', '')}")]))
+        blocks: list[dict[str, Any]] = []
+        for map_name, reg in (res.get("regions") or {}).items():
+            if not isinstance(reg, dict):
+                continue
+            names = list(reg.get("brain_share") or {})
+            rows = [["share of the brain", *[reg["brain_share"][n] for n in names]]]
+            rows += [[f"top 1 % voxels, {c}", *[v.get(n) for n in names]]
+                     for c, v in (reg.get("top_share_per_class") or {}).items()]
+            blocks.append(table(["", *names], rows, cls="scores regions",
+                                caption=f"{map_name} maps: where each subject's top 1 % brain voxels lie (mean over "
+                                        "subjects) against the regions' share of the brain"))
+        if isinstance((res.get("regions") or {}).get("reason"), str):
+            blocks.append({"type": "text", "text": res["regions"]["reason"]})
+        run.sections.append(("Affected regions", blocks))
+        pics = _pngs(run, [("roc.png", "ROC"), ("scores.png", "scores per class"), ("overlays.png", "error maps")])
+        settings += [("normal", res.get("normal")), *[(f"settings.{k}", v) for k, v in _flat_scalars(res.get("settings") or {})]]
+        files = ["metrics.json", "scores.csv"]
+    elif kind == "denoise":
+        rows = res.get("levels") or []
+        at10 = next((r for r in rows if abs(r.get("level", 0) - 0.1) < 1e-9), rows[0] if rows else {})
+        if at10:
+            run.headline = 0
+            run.figures.append((f"PSNR gain at {fmt(at10.get('level_percent'))} %", f"{fmt(at10.get('psnr_gain_db'), 3)} dB",
+                                _sortval(at10.get("psnr_gain_db"))))
+        cols = ["level_percent", "psnr_noisy", "psnr_denoised", "psnr_smoothed", "psnr_gain_db", "ssim_noisy",
+                "ssim_denoised", "ssim_smoothed"]
+        run.sections.append(("Denoising (held-out volumes)", [table(
+            ["noise %", "PSNR noisy", "PSNR denoised", "PSNR smoothed", "PSNR gain (dB)", "SSIM noisy",
+             "SSIM denoised", "SSIM smoothed"], [[r.get(c) for c in cols] for r in rows], cls="scores",
+            caption=f"{res.get('volumes')} volumes; clean reconstruction {fmt(res.get('clean_reconstruction'))}; "
+                    f"trained with input noise up to {fmt(res.get('input_noise_trained'))}")]))
+        pics = _pngs(run, [("psnr.png", "PSNR"), ("ssim.png", "SSIM"), ("examples.png", "examples")])
+        settings += [(f"settings.{k}", v) for k, v in _flat_scalars(res.get("settings") or {})]
+        files = ["metrics.json", "table.csv", "per_volume.csv"]
+    else:
+        a, b = res.get("subject_a") or {}, res.get("subject_b") or {}
+        run.figures.append(("steps", str(res.get("steps")), _sortval(res.get("steps"))))
+        settings += [("subject A", f"{a.get('subject')} ({a.get('class')})"),
+                     ("subject B", f"{b.get('subject')} ({b.get('class')})"),
+                     ("class walk", " > ".join(res.get("classes") or []) or "none (one trained class)"),
+                     ("latent dim", res.get("latent_dim")), ("spread (SD)", res.get("spread_sd")),
+                     ("dimensions walked", ", ".join(str(d["dim"]) for d in res.get("dims") or []))]
+        pics = _pngs(run, [("subjects.png", "subject A to subject B"), ("subjects-coronal.png", "coronal"),
+                           ("classes.png", "class condition at a fixed code"), ("classes-coronal.png", "coronal"),
+                           ("dims.png", "one latent dimension at a time")])
+        files = ["traverse.json"]
+    run.sections.insert(0, ("Settings", [table(["setting", "value"], settings, cls="settings")]))
+    if pics:
+        run.sections.append(("Pictures", [images(pics, cls="panels")]))
+    _files_and_config(run, path, files, "")
+    return run
+
+
+_BUILDERS = {"train": _train_run, "cv-evaluate": _cv_run, "segment": _segment_run, "evaluate-synth": _synth_run,
+             **{k: (lambda p, k=k: _toolkit_run(p, k)) for k in _TOOLKIT}}
 
 
 def collect_run(path: str | os.PathLike, kind: str | None = None, name: str | None = None) -> Run:
@@ -604,7 +688,7 @@ def collect_run(path: str | os.PathLike, kind: str | None = None, name: str | No
     p = Path(path)
     kind = kind or detect_kind(p)
     if kind not in _BUILDERS:
-        raise MedgenError(f"{p} is not a medgen run folder (train, cv-evaluate, segment or evaluate-synth output)")
+        raise MedgenError(f"{p} is not a medgen run folder ({', '.join(KINDS)} output)")
     run = _BUILDERS[kind](p)
     run.label = name or ""
     return run
@@ -685,7 +769,7 @@ def find_runs(paths: Sequence[str | os.PathLike], max_depth: int = 4) -> list[Pa
         before = len(found)
         walk(p, 0)
         if len(found) == before:
-            raise MedgenError(f"{p} holds no medgen run folder (train, cv-evaluate, segment or evaluate-synth output)")
+            raise MedgenError(f"{p} holds no medgen run folder ({', '.join(KINDS)} output)")
     seen: set[Path] = set()
     return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
 

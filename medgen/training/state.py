@@ -203,6 +203,7 @@ class TrainState:
             class_names=data.class_names, affine=data.affine, normalisation=data.normalisation,
             state=self.state_dict(), step=self.iteration, rng=self.rng_state(), config=config,
             extra={"seconds": seconds, "data_fingerprint": self.fingerprint, "seed": self.seed,
+                   "subjects": sorted(set(data.subjects)),  # who trained it: later evaluations leave them out
                    "ema_updates": self.ema.num_updates if self.ema is not None else 0,
                    "best_value": self.best_value if math.isfinite(self.best_value) else None},
         )

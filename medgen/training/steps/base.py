@@ -84,6 +84,13 @@ class StepContext:
             return full[self.rank * shape[0]:(self.rank + 1) * shape[0]]
         return torch.randn(*shape, generator=self.generator, device=device)
 
+    def rand(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """Uniform [0, 1) noise from the context's generator (this rank's rows, as randn)."""
+        if self.world_size > 1 and shape:
+            full = torch.rand(shape[0] * self.world_size, *shape[1:], generator=self.generator, device=device)
+            return full[self.rank * shape[0]:(self.rank + 1) * shape[0]]
+        return torch.rand(*shape, generator=self.generator, device=device)
+
 
 class Step:
     """Base class of the per-model Steps (subclasses are dataclasses)."""

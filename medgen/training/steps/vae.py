@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from medgen import losses
+from medgen.data.augmentation import add_noise
 from medgen.errors import MedgenError
 from medgen.models.vae import VAE
 from medgen.training.steps.base import Batch, Step, StepContext, register_step
@@ -27,6 +28,9 @@ class VAEStep(Step):
         kl_warmup: fraction of the run over which beta ramps linearly from 0 (0: no warm-up).
         beta1: Adam beta1.
         beta2: Adam beta2.
+        input_noise: denoising training: the encoder sees each volume with Gaussian noise at a level drawn
+            uniformly from [0, input_noise] (a share of the intensity range, medgen.data.augmentation.add_noise)
+            and the loss compares the reconstruction with the clean volume (0: a plain VAE).
     """
 
     beta: float = 0.01
@@ -35,6 +39,7 @@ class VAEStep(Step):
     kl_warmup: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
+    input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.recon not in losses.RECONSTRUCTIONS:
@@ -42,6 +47,8 @@ class VAEStep(Step):
                               f"got {self.recon!r}")
         if self.beta < 0 or not 0 <= self.kl_warmup <= 1:
             raise MedgenError("steps.vae: beta must be >= 0 and kl_warmup in [0, 1]")
+        if not 0 <= self.input_noise <= 1:
+            raise MedgenError(f"steps.vae: input_noise must be in [0, 1], got {self.input_noise!r}")
 
     def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
         return {"vae": torch.optim.Adam(model.parameters(), lr=lr, betas=(self.beta1, self.beta2))}
@@ -53,9 +60,14 @@ class VAEStep(Step):
 
     def __call__(self, model: nn.Module, batch: Batch, opt: dict[str, torch.optim.Optimizer],
                  ctx: StepContext) -> dict[str, torch.Tensor]:
+        inputs = batch.images
+        if self.input_noise > 0:
+            b = inputs.shape[0]
+            levels = self.input_noise * ctx.rand(b, device=inputs.device)  # [B] in [0, input_noise)
+            inputs = add_noise(inputs, levels, ctx.randn(*inputs.shape, device=inputs.device))
         with ctx.precision.autocast():
             noise = ctx.randn(batch.images.shape[0], model.latent_dim, device=batch.images.device)
-            out = model(batch.images, batch.labels, noise=noise)
+            out = model(inputs, batch.labels, noise=noise)
         rec = losses.reconstruction(out.recon, batch.images, self.recon)
         kl = losses.kl_divergence(out.mu, out.logvar, per_element=self.kl_per_element)
         loss = rec + self.beta_at(ctx) * kl

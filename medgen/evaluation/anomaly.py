@@ -1,0 +1,118 @@
+"""Anomaly detection by reconstruction error: error maps, per-subject scores, ROC AUC and where the top errors lie.
+
+An autoencoder trained on one (normal) class reconstructs that class well; volumes of other classes give larger
+errors where they differ. The measurements here take the inputs and reconstructions (no model):
+
+- `error_maps`: |x - reconstruction|, Gaussian-smoothed (voxels), on the model scale [-1, 1];
+- `normative_z`: each voxel's error as a z-score against the errors of reference (normal, training) volumes;
+- `subject_scores`: per volume, the mean map value over the brain and the mean over its top 1 % voxels;
+- `roc`: ROC AUC (scikit-learn) of a score separating a positive class from the normal one;
+- `code_distance`: the Mahalanobis distance of a volume's latent code to the reference codes (the encoder's view);
+- `top_share`: the share of a volume's top 1 % voxels that fall inside given regions, beside the share those
+  regions have of the brain (what a map with no preference for them would give).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.networks.layers import GaussianFilter
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from medgen.errors import MedgenError
+
+TOP_SHARE = 0.01  # the top 1 % of brain voxels
+Z_FLOOR = 1e-3  # smallest reference SD (model-scale units) a z-score divides by
+
+
+def error_maps(images: torch.Tensor, recon: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Absolute reconstruction error [N, *spatial] (first channel), smoothed with a Gaussian of `sigma` voxels
+    (MONAI GaussianFilter; 0: unsmoothed).
+
+    Args:
+        images: [N, C, *spatial] inputs.
+        recon: [N, C, *spatial] reconstructions.
+        sigma: smoothing in voxels.
+    """
+    if images.shape != recon.shape:
+        raise MedgenError(f"images {tuple(images.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
+    err = (images.float() - recon.float()).abs()[:, :1]  # [N, 1, *S]
+    if sigma > 0:
+        err = GaussianFilter(images.ndim - 2, sigma)(err)
+    return err[:, 0]
+
+
+def normative_z(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Voxelwise z-scores of `maps` [N, *S] against the reference maps [R, *S] (mean and SD per voxel, SD floored)."""
+    if reference.shape[0] < 2:
+        raise MedgenError("z-scores need the error maps of at least 2 reference volumes")
+    mean = reference.mean(dim=0)
+    sd = reference.std(dim=0).clamp_min(Z_FLOOR)
+    return (maps - mean) / sd
+
+
+def subject_scores(maps: torch.Tensor, mask: np.ndarray, top: float = TOP_SHARE) -> dict[str, np.ndarray]:
+    """Per volume: "mean" (mean map value over the brain mask) and "top" (mean over its top `top` share of voxels).
+
+    Args:
+        maps: [N, *S] error (or z) maps.
+        mask: [*S] boolean brain mask.
+        top: share of the brain voxels the "top" score averages.
+    """
+    m = torch.from_numpy(np.asarray(mask, dtype=bool))
+    if int(m.sum()) == 0:
+        raise MedgenError("the brain mask is empty")
+    vals = maps[:, m]  # [N, V]
+    k = max(1, int(round(top * vals.shape[1])))
+    return {"mean": vals.mean(dim=1).numpy().astype(np.float64),
+            "top": vals.topk(k, dim=1).values.mean(dim=1).numpy().astype(np.float64)}
+
+
+def roc(scores: Sequence[float], positive: Sequence[bool]) -> dict[str, Any]:
+    """ROC AUC of `scores` (higher = more anomalous) for the positives against the rest, and the curve."""
+    y = np.asarray(positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.all() or not y.any():
+        return {"auc": float("nan"), "n_positive": int(y.sum()), "n_negative": int((~y).sum()), "fpr": [], "tpr": []}
+    fpr, tpr, _ = roc_curve(y, s)
+    return {"auc": float(roc_auc_score(y, s)), "n_positive": int(y.sum()), "n_negative": int((~y).sum()),
+            "fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def code_distance(codes: torch.Tensor, reference: torch.Tensor, ridge: float = 1e-2) -> np.ndarray:
+    """Mahalanobis distance [N] of codes [N, L] to the reference codes [R, L] (covariance + ridge * I)."""
+    if reference.shape[0] < 2:
+        raise MedgenError("code distances need the codes of at least 2 reference volumes")
+    ref = reference.double()
+    mean = ref.mean(dim=0)
+    cov = torch.cov((ref - mean).T).reshape(ref.shape[1], ref.shape[1]) + ridge * torch.eye(ref.shape[1], dtype=ref.dtype)
+    d = codes.double() - mean  # [N, L]
+    return torch.sqrt((d @ torch.linalg.inv(cov) * d).sum(dim=1).clamp_min(0)).numpy()
+
+
+def top_share(maps: torch.Tensor, mask: np.ndarray, regions: dict[str, np.ndarray],
+              top: float = TOP_SHARE) -> dict[str, Any]:
+    """Where each volume's top `top` share of brain voxels (by map value) lie.
+
+    Args:
+        maps: [N, *S] maps.
+        mask: [*S] boolean brain mask.
+        regions: name -> [*S] boolean region (inside the brain mask).
+        top: share of the brain voxels counted.
+    Returns:
+        {"per_volume": {region: [N] shares}, "brain_share": {region: share of the brain voxels},
+         "top_voxels": k}.
+    """
+    m = torch.from_numpy(np.asarray(mask, dtype=bool))
+    vals = maps[:, m]  # [N, V]
+    k = max(1, int(round(top * vals.shape[1])))
+    idx = vals.topk(k, dim=1).indices  # [N, k] positions among the brain voxels
+    out: dict[str, Any] = {"per_volume": {}, "brain_share": {}, "top_voxels": k}
+    for name, reg in regions.items():
+        inside = torch.from_numpy(np.asarray(reg, dtype=bool))[m]  # [V]
+        out["per_volume"][name] = inside[idx].float().mean(dim=1).numpy().astype(np.float64)
+        out["brain_share"][name] = float(inside.float().mean())
+    return out
