@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_loop import NAME, cfg, run, tiny_data  # the dummy model registered by the loop tests
+from test_loop import NAME, cfg, registered_dummy, run, tiny_data  # noqa: F401  (the dummy model's fixture)
 
 from medgen.checkpoint import (
     checkpoint_sha256,

@@ -60,10 +60,17 @@ class DummyStep(Step):
         return {"mse": loss.detach()}
 
 
-if NAME not in _MODELS:
-    register_model(NAME)(DummyGen)
-if NAME not in _STEPS:
-    register_step(NAME)(DummyStep)
+@pytest.fixture(autouse=True, scope="module")
+def registered_dummy():
+    """The dummy model is registered for these tests only: the model checklist walks the real registry."""
+    added = NAME not in _MODELS
+    if added:
+        register_model(NAME)(DummyGen)
+        register_step(NAME)(DummyStep)
+    yield
+    if added:
+        _MODELS.pop(NAME, None)
+        _STEPS.pop(NAME, None)
 
 
 def tiny_data(n: int = 12, size: int = 8, seed: int = 0) -> ImageSet:
