@@ -439,7 +439,8 @@ def _evaluate(out_dict: dict[str, Any], prob_of: Any, val_set: ImageSet, test_se
 def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: ImageSet, test_set: ImageSet,
             out: Path, device: torch.device) -> dict[str, Any]:
     """Train one classifier arm with `fit` (cfg.classifier.select on validation picks best.pt) and evaluate
-    it once on validation and test.
+    it once on validation and test. With cfg.classifier.members > 1 the arm is an ensemble of that many
+    seeds (their probabilities averaged); "checkpoint" is the first member's.
 
     Returns:
         the arm's result (metrics and predictions on validation and test).
@@ -455,10 +456,6 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
         model_kwargs["standardize"] = True
     if c.coords:
         model_kwargs["coords"] = True
-    torch.manual_seed(seed)
-    model = create_model("classifier", **fill_model_kwargs("classifier", model_kwargs, train_set))
-    if c.standardize:
-        model.set_input_statistics(train_set.images)  # the arm's own training set only
     transform = None
     if arm.augment or c.flip:
         transform = TrainingAugmentation(spacing_mm(train_set), train_set.spatial_dims, classical=arm.augment,
@@ -474,26 +471,42 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
 
     # "last": validation is still recorded every epoch, but the final (EMA) weights are kept.
     select = {"loss": "neg_loss", "last": None}.get(c.select, c.select)
-    t0 = time.perf_counter()
     step_kwargs = {"label_smoothing": c.label_smoothing, "weight_decay": c.weight_decay}
     if c.schedule != "constant":
         step_kwargs["schedule"] = c.schedule
-    result = fit("classifier", train_set, out, model=model, model_kwargs=model_kwargs, step_kwargs=step_kwargs,
-                 train=train, device=device, seed=seed, validate=validate, validate_every=per_epoch,
-                 select_metric=select, transform=transform, overwrite=True)
-    chosen = result.best or result.checkpoint
-    best, meta = model_from_checkpoint(chosen, ema=True, expected_model="classifier")  # EMA weights when kept
-    assert isinstance(best, Classifier)
-    best.to(device)
+    t0 = time.perf_counter()
+    members: list[tuple[Classifier, dict[str, Any], Any, Path]] = []
+    for m in range(c.members):
+        # Member 0 is the arm's run folder and seed; further members get their own (an ensemble of seeds).
+        m_out = out if m == 0 else out.parent / f"{out.name}.member{m}"
+        m_seed = seed if m == 0 else derive_seed(cfg.seed, fold, f"{arm.key}:member{m}")
+        torch.manual_seed(m_seed)
+        model = create_model("classifier", **fill_model_kwargs("classifier", model_kwargs, train_set))
+        if c.standardize:
+            model.set_input_statistics(train_set.images)  # the arm's own training set only
+        result = fit("classifier", train_set, m_out, model=model, model_kwargs=model_kwargs,
+                     step_kwargs=step_kwargs, train=train, device=device, seed=m_seed, validate=validate,
+                     validate_every=per_epoch, select_metric=select, transform=transform, overwrite=True)
+        chosen = Path(result.best or result.checkpoint)
+        best, meta = model_from_checkpoint(chosen, ema=True, expected_model="classifier")  # EMA weights when kept
+        assert isinstance(best, Classifier)
+        members.append((best.to(device), meta, result, chosen))
+        # Keep only the chosen checkpoint (last/final/best are full copies with optimizer state).
+        for name in ("last.pt", "final.pt", "best.pt"):
+            if m_out / name != chosen:
+                (m_out / name).unlink(missing_ok=True)
+
+    def prob_of(ds: ImageSet) -> np.ndarray:
+        return np.mean([predict(model, ds, flip=c.test_flip) for model, *_ in members], axis=0)
+
+    _, meta, result, chosen = members[0]
     out_dict = _arm_record(arm, fold, seed, train_set)
     out_dict.update({"iterations": result.iterations, "best_iteration": int(meta["step"]),
-                     "checkpoint": str(Path(chosen).relative_to(out.parent.parent))})
-    _evaluate(out_dict, lambda ds: predict(best, ds, flip=c.test_flip), val_set, test_set, num_classes)
+                     "checkpoint": str(chosen.relative_to(out.parent.parent))})
+    if c.members > 1:
+        out_dict["member_checkpoints"] = [str(ch.relative_to(out.parent.parent)) for *_, ch in members]
+    _evaluate(out_dict, prob_of, val_set, test_set, num_classes)
     out_dict["seconds"] = round(time.perf_counter() - t0, 2)
-    # Keep only the chosen checkpoint (last/final/best are full copies with optimizer state).
-    for name in ("last.pt", "final.pt", "best.pt"):
-        if out / name != Path(chosen):
-            (out / name).unlink(missing_ok=True)
     return out_dict
 
 

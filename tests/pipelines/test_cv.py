@@ -252,3 +252,23 @@ def test_ema_with_last_selection_evaluates_the_final_averaged_weights(tmp_path):
     assert any(not torch.equal(ema[k], model[k]) for k in model)  # the average differs from the last step
     kept, _ = model_from_checkpoint(tmp_path / "fold_0" / res["checkpoint"], expected_model="classifier")
     assert np.allclose(cvmod.predict(kept, data.subset(range(24, 30))), res["test_predictions"]["prob"], atol=1e-5)
+
+
+def test_an_ensemble_arm_averages_its_members_seeds(tmp_path):
+    from medgen.checkpoint import model_from_checkpoint
+
+    data = tiny_data(n=30)
+    cfg = tiny_config()
+    cfg.classifier.members = 2
+    arm = cvmod.Arm("real", "real only", kind="real")
+    train, val, test = data.subset(range(18)), data.subset(range(18, 24)), data.subset(range(24, 30))
+    res = cvmod.run_arm(cfg, arm, 0, train, val, test, tmp_path / "fold_0" / "arms" / "real", torch.device("cpu"))
+    paths = [tmp_path / "fold_0" / p for p in res["member_checkpoints"]]
+    assert len(paths) == 2 and paths[0] == tmp_path / "fold_0" / res["checkpoint"] and paths[0] != paths[1]
+    probs = [cvmod.predict(model_from_checkpoint(p, expected_model="classifier")[0], test) for p in paths]
+    assert not np.allclose(probs[0], probs[1])  # two seeds, two different models
+    assert np.allclose(np.mean(probs, axis=0), res["test_predictions"]["prob"], atol=1e-5)
+    cfg.classifier.members = 1
+    single = cvmod.run_arm(cfg, arm, 0, train, val, test, tmp_path / "one" / "arms" / "real", torch.device("cpu"))
+    assert "member_checkpoints" not in single
+    assert np.allclose(single["test_predictions"]["prob"], probs[0], atol=1e-5)  # member 0 is the plain arm
