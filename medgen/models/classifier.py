@@ -12,6 +12,8 @@ image (x - mean) / std with per-voxel statistics of the training set (`set_input
 buffers so a checkpoint carries them). For registered volumes this hands the network each subject's
 deviation from the average anatomy, which a translation-equivariant CNN with global pooling cannot
 otherwise locate (on the phantom, fold 0, 64^3: test balanced accuracy 0.52 -> 0.60, AUC 0.65 -> 0.75).
+`coords=True` adds one coordinate channel per axis (CoordConv) for the same reason (phantom, 32^3, folds
+0-2, 24 epochs: 0.51 -> 0.54).
 """
 
 from __future__ import annotations
