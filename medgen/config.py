@@ -129,8 +129,12 @@ class ClassifierConfig:
     label_smoothing: float = _f(0.0, ge=0.0, lt=1.0)
     norm: Literal["batch", "instance"] = "batch"  # plain backbone only
     standardize: bool = False  # add a voxelwise-standardised input channel (training-set statistics)
+    coords: bool = False  # add coordinate channels (CoordConv): convolutions know where they are
+    ema_decay: float = _f(0.0, ge=0.0, lt=1.0)  # exponential moving average of the weights (validated and kept); 0: off
+    test_flip: bool = False  # average each prediction with that of the left-right mirrored image
+    members: int = _f(1, ge=1, le=16)  # classifiers per arm, one seed each, probabilities averaged (cost: x members)
     schedule: Literal["constant", "cosine"] = "constant"
-    select: Literal["accuracy", "balanced_accuracy", "loss"] = "accuracy"  # validation metric that picks the epoch
+    select: Literal["accuracy", "balanced_accuracy", "loss", "last"] = "accuracy"  # validation metric that picks the epoch (last: none, keep the final weights)
     flip: bool = False  # random left-right flips of every arm's training batches (class effects are bilateral)
 
 

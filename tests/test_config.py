@@ -45,3 +45,17 @@ def test_override_wins_and_checks_types():
     assert cfg.train.iterations == 7 and cfg.seed == 0
     with pytest.raises(MedgenError):
         override(cfg, train__iterations="x")
+
+
+def test_classifier_ensemble_and_ema_options_are_checked():
+    cfg = config_from_dict({"classifier": {"members": 3, "ema_decay": 0.99, "coords": True, "test_flip": True,
+                                           "select": "last"}})
+    assert cfg.classifier.members == 3 and cfg.classifier.coords and cfg.classifier.select == "last"
+    with pytest.raises(MedgenError, match="classifier.members"):
+        config_from_dict({"classifier": {"members": 0}})
+    with pytest.raises(MedgenError, match="classifier.ema_decay"):
+        config_from_dict({"classifier": {"ema_decay": 1.0}})
+    with pytest.raises(MedgenError, match="classifier.select"):
+        config_from_dict({"classifier": {"select": "first"}})
+    quick = load_config("quick").classifier
+    assert quick.coords and quick.test_flip and quick.ema_decay > 0  # the quick preset's recipe

@@ -14,7 +14,7 @@ Protocol (DESIGN.md section 5):
        class-stratified share of the fold's training subjects); on phantom data an oracle arm per fraction
        (fresh subjects from the same generative process, as many as the synthetic arm adds: the ceiling of
        augmentation); the best generator's (by validation) synthetic volumes with permuted labels.
-    4. cfg.classifier.select on the validation fold picks the checkpoint (best.pt); the held-out test set
+    4. cfg.classifier.select on the validation fold picks the checkpoint (best.pt; "last": the final one); the held-out test set
        (plus cfg.cv.extra_test fresh phantom subjects) is evaluated once per fold and arm: every fold's
        model sees the same test subjects, so arms are compared on paired predictions.
     5. Leakage check: the subjects behind every generator and every classifier arm (synthetic volumes
@@ -363,15 +363,22 @@ def synthetic_set(images: torch.Tensor, labels: torch.Tensor, generator: str, li
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: ImageSet, batch_size: int = 16) -> np.ndarray:
-    """Class probabilities [N, num_classes] of `model` (eval mode) on `data`."""
+def predict(model: nn.Module, data: ImageSet, batch_size: int = 16, flip: bool = False) -> np.ndarray:
+    """Class probabilities [N, num_classes] of `model` (eval mode) on `data`.
+
+    Args:
+        flip: average the probabilities with those of the left-right mirrored images (first spatial axis).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     probs = []
     for i in range(0, len(data), batch_size):
-        logits = model(data.images[i : i + batch_size].to(device)).logits.float()
-        probs.append(torch.softmax(logits, dim=1).cpu())
+        x = data.images[i : i + batch_size].to(device)
+        p = torch.softmax(model(x).logits.float(), dim=1)
+        if flip:
+            p = 0.5 * (p + torch.softmax(model(x.flip(2)).logits.float(), dim=1))  # dim 2: R-L
+        probs.append(p.cpu())
     model.train(was_training)
     return torch.cat(probs).numpy()
 
@@ -383,7 +390,7 @@ def classifier_train_config(cfg: Config, n_train: int) -> tuple[TrainConfig, int
     c = cfg.classifier
     per_epoch = max(1, n_train // min(c.batch_size, n_train))
     iterations = max(1, c.epochs * per_epoch)
-    train = TrainConfig(iterations=iterations, batch_size=c.batch_size, lr=c.lr, ema_decay=0.0,
+    train = TrainConfig(iterations=iterations, batch_size=c.batch_size, lr=c.lr, ema_decay=c.ema_decay,
                         precision=cfg.train.precision, compile=False,
                         channels_last=cfg.train.channels_last,
                         log_every=per_epoch, sample_every=0, checkpoint_every=iterations, max_seconds=None,
@@ -425,7 +432,8 @@ def _evaluate(out_dict: dict[str, Any], prob_of: Any, val_set: ImageSet, test_se
 def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: ImageSet, test_set: ImageSet,
             out: Path, device: torch.device) -> dict[str, Any]:
     """Train one classifier arm with `fit` (cfg.classifier.select on validation picks best.pt) and evaluate
-    it once on validation and test.
+    it once on validation and test. With cfg.classifier.members > 1 the arm is an ensemble of that many
+    seeds (their probabilities averaged); "checkpoint" is the first member's.
 
     Returns:
         the arm's result (metrics and predictions on validation and test).
@@ -439,10 +447,8 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
         model_kwargs["norm"] = c.norm
     if c.standardize:
         model_kwargs["standardize"] = True
-    torch.manual_seed(seed)
-    model = create_model("classifier", **fill_model_kwargs("classifier", model_kwargs, train_set))
-    if c.standardize:
-        model.set_input_statistics(train_set.images)  # the arm's own training set only
+    if c.coords:
+        model_kwargs["coords"] = True
     transform = None
     if arm.augment or c.flip:
         transform = TrainingAugmentation(spacing_mm(train_set), train_set.spatial_dims, classical=arm.augment,
@@ -450,33 +456,50 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
     y_val = val_set.labels.numpy()
 
     def validate(m: nn.Module) -> dict[str, float]:
-        prob = predict(m, val_set)
+        prob = predict(m, val_set, flip=c.test_flip)
         nll = float(-np.log(np.clip(prob[np.arange(len(y_val)), y_val], 1e-8, None)).mean())
         return {"accuracy": float((prob.argmax(1) == y_val).mean()),
                 "balanced_accuracy": classification_metrics(y_val, prob, num_classes)["balanced_accuracy"],
                 "neg_loss": -nll}
 
-    select = "neg_loss" if c.select == "loss" else c.select
-    t0 = time.perf_counter()
+    # "last": validation is still recorded every epoch, but the final (EMA) weights are kept.
+    select = {"loss": "neg_loss", "last": None}.get(c.select, c.select)
     step_kwargs = {"label_smoothing": c.label_smoothing, "weight_decay": c.weight_decay}
     if c.schedule != "constant":
         step_kwargs["schedule"] = c.schedule
-    result = fit("classifier", train_set, out, model=model, model_kwargs=model_kwargs, step_kwargs=step_kwargs,
-                 train=train, device=device, seed=seed, validate=validate, validate_every=per_epoch,
-                 select_metric=select, transform=transform, overwrite=True)
-    chosen = result.best or result.checkpoint
-    best, meta = model_from_checkpoint(chosen, ema=False, expected_model="classifier")
-    assert isinstance(best, Classifier)
-    best.to(device)
+    t0 = time.perf_counter()
+    members: list[tuple[Classifier, dict[str, Any], Any, Path]] = []
+    for m in range(c.members):
+        # Member 0 is the arm's run folder and seed; further members get their own (an ensemble of seeds).
+        m_out = out if m == 0 else out.parent / f"{out.name}.member{m}"
+        m_seed = seed if m == 0 else derive_seed(cfg.seed, fold, f"{arm.key}:member{m}")
+        torch.manual_seed(m_seed)
+        model = create_model("classifier", **fill_model_kwargs("classifier", model_kwargs, train_set))
+        if c.standardize:
+            model.set_input_statistics(train_set.images)  # the arm's own training set only
+        result = fit("classifier", train_set, m_out, model=model, model_kwargs=model_kwargs,
+                     step_kwargs=step_kwargs, train=train, device=device, seed=m_seed, validate=validate,
+                     validate_every=per_epoch, select_metric=select, transform=transform, overwrite=True)
+        chosen = Path(result.best or result.checkpoint)
+        best, meta = model_from_checkpoint(chosen, ema=True, expected_model="classifier")  # EMA weights when kept
+        assert isinstance(best, Classifier)
+        members.append((best.to(device), meta, result, chosen))
+        # Keep only the chosen checkpoint (last/final/best are full copies with optimizer state).
+        for name in ("last.pt", "final.pt", "best.pt"):
+            if m_out / name != chosen:
+                (m_out / name).unlink(missing_ok=True)
+
+    def prob_of(ds: ImageSet) -> np.ndarray:
+        return np.mean([predict(model, ds, flip=c.test_flip) for model, *_ in members], axis=0)
+
+    _, meta, result, chosen = members[0]
     out_dict = _arm_record(arm, fold, seed, train_set)
     out_dict.update({"iterations": result.iterations, "best_iteration": int(meta["step"]),
-                     "checkpoint": str(Path(chosen).relative_to(out.parent.parent))})
-    _evaluate(out_dict, lambda ds: predict(best, ds), val_set, test_set, num_classes)
+                     "checkpoint": str(chosen.relative_to(out.parent.parent))})
+    if c.members > 1:
+        out_dict["member_checkpoints"] = [str(ch.relative_to(out.parent.parent)) for *_, ch in members]
+    _evaluate(out_dict, prob_of, val_set, test_set, num_classes)
     out_dict["seconds"] = round(time.perf_counter() - t0, 2)
-    # Keep only the chosen checkpoint (last/final/best are full copies with optimizer state).
-    for name in ("last.pt", "final.pt", "best.pt"):
-        if out / name != Path(chosen):
-            (out / name).unlink(missing_ok=True)
     return out_dict
 
 
@@ -634,7 +657,7 @@ class ExtraSubjects:
 
 def class_agreement(classifier_ckpt: Path, pool: dict[int, torch.Tensor], device: torch.device) -> list[float]:
     """Share of each class's synthetic volumes that the fold's real-only classifier labels as that class."""
-    model, _ = model_from_checkpoint(classifier_ckpt, ema=False, expected_model="classifier")
+    model, _ = model_from_checkpoint(classifier_ckpt, ema=True, expected_model="classifier")  # as run_arm
     model.to(device)
     out = []
     for c in sorted(pool):

@@ -84,3 +84,15 @@ def test_cosine_schedule_warms_up_and_decays_to_zero():
     assert f[10] == pytest.approx(1.0) and f[99] < 0.01
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
     assert create_step("classifier").lr_factor(50, 100) == 1.0
+
+
+def test_coordinate_channels_locate_each_axis_and_stay_out_of_the_state_dict():
+    kw = Classifier.tiny_kwargs(3) | {"backbone": "plain", "coords": True}
+    model = create_model("classifier", **kw)
+    assert model.backbone.net[0].conv.in_channels == 1 + 3  # image + one coordinate per axis
+    grid = model.grid[0]
+    assert grid.shape == (3, 16, 16, 16) and grid.min() == -1 and grid.max() == 1
+    assert torch.equal(grid[0, :, 0, 0], torch.linspace(-1, 1, 16)) and grid[0, 3].unique().numel() == 1
+    assert "grid" not in model.state_dict()  # rebuilt from image_size: old checkpoints stay loadable
+    assert model(torch.randn(2, 1, 16, 16, 16)).logits.shape == (2, 3)
+

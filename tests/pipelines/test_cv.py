@@ -214,3 +214,61 @@ def test_oracle_and_extra_test_subjects_never_collide_or_leak(tmp_path):
     assert set(prov["arms"]["real"]) == set(splits.folds[0].train)
     assert {s for s in prov["test"] if s.startswith("test:")} == set(extra_test.subjects)
     assert res["n_test"] == 12 and res["arms"]["oracle_f50"]["n_real"] == 2 * res["arms"]["real"]["n_real"]
+
+
+def test_flip_averaged_predictions_are_mirror_invariant():
+    from medgen.models import create_model
+    from medgen.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    kw = Classifier.tiny_kwargs(3) | {"backbone": "plain", "coords": True, "norm": "instance", "image_size": 32}
+    model = create_model("classifier", **kw)
+    data = tiny_data(n=4, size=32)
+    mirrored = ImageSet(images=data.images.flip(2), labels=data.labels, subjects=data.subjects,
+                        class_names=data.class_names)
+    plain, plain_m = cvmod.predict(model, data), cvmod.predict(model, mirrored)
+    assert not np.allclose(plain, plain_m, atol=1e-3)  # the network itself is not symmetric
+    both, both_m = cvmod.predict(model, data, flip=True), cvmod.predict(model, mirrored, flip=True)
+    assert np.allclose(both, both_m, atol=1e-6) and np.allclose(both, 0.5 * (plain + plain_m), atol=1e-6)
+
+
+def test_ema_with_last_selection_evaluates_the_final_averaged_weights(tmp_path):
+    from medgen.checkpoint import load_checkpoint, model_from_checkpoint
+
+    data = tiny_data(n=30)
+    cfg = tiny_config()
+    cfg.classifier.name = "plain"
+    cfg.classifier.epochs = 3
+    cfg.classifier.ema_decay = 0.9
+    cfg.classifier.select = "last"
+    cfg.classifier.coords = True
+    arm = cvmod.Arm("real", "real only", kind="real")
+    out = tmp_path / "fold_0" / "arms" / "real"
+    res = cvmod.run_arm(cfg, arm, 0, data.subset(range(18)), data.subset(range(18, 24)), data.subset(range(24, 30)),
+                        out, torch.device("cpu"))
+    assert res["best_iteration"] == res["iterations"] == 3 * (18 // 8)  # no selection: the final weights
+    ckpt = load_checkpoint(tmp_path / "fold_0" / res["checkpoint"])
+    ema, model = ckpt["state"]["ema"], ckpt["state"]["model"]
+    assert any(not torch.equal(ema[k], model[k]) for k in model)  # the average differs from the last step
+    kept, _ = model_from_checkpoint(tmp_path / "fold_0" / res["checkpoint"], expected_model="classifier")
+    assert np.allclose(cvmod.predict(kept, data.subset(range(24, 30))), res["test_predictions"]["prob"], atol=1e-5)
+
+
+def test_an_ensemble_arm_averages_its_members_seeds(tmp_path):
+    from medgen.checkpoint import model_from_checkpoint
+
+    data = tiny_data(n=30)
+    cfg = tiny_config()
+    cfg.classifier.members = 2
+    arm = cvmod.Arm("real", "real only", kind="real")
+    train, val, test = data.subset(range(18)), data.subset(range(18, 24)), data.subset(range(24, 30))
+    res = cvmod.run_arm(cfg, arm, 0, train, val, test, tmp_path / "fold_0" / "arms" / "real", torch.device("cpu"))
+    paths = [tmp_path / "fold_0" / p for p in res["member_checkpoints"]]
+    assert len(paths) == 2 and paths[0] == tmp_path / "fold_0" / res["checkpoint"] and paths[0] != paths[1]
+    probs = [cvmod.predict(model_from_checkpoint(p, expected_model="classifier")[0], test) for p in paths]
+    assert not np.allclose(probs[0], probs[1])  # two seeds, two different models
+    assert np.allclose(np.mean(probs, axis=0), res["test_predictions"]["prob"], atol=1e-5)
+    cfg.classifier.members = 1
+    single = cvmod.run_arm(cfg, arm, 0, train, val, test, tmp_path / "one" / "arms" / "real", torch.device("cpu"))
+    assert "member_checkpoints" not in single
+    assert np.allclose(single["test_predictions"]["prob"], probs[0], atol=1e-5)  # member 0 is the plain arm
