@@ -104,6 +104,7 @@ class DecoderBank(nn.Module):
 
 
 DECODERS = ("upsample", "broadcast")
+GROWS = ("conv", "interpolate")
 
 
 def coordinate_grid(spatial_dims: int, size: int) -> torch.Tensor:
@@ -125,10 +126,13 @@ class BroadcastDecoderBank(nn.Module):
         broadcast_size: edge of the grid the latent is tiled over (image_size / 2**j); smaller grids are
             followed by x2 nearest-upsampling + k3 conv stages.
         layers: stride-1 k3 conv layers on the broadcast grid.
+        grow: how a grid smaller than the image reaches image_size: "conv" (x2 nearest upsampling + k3 conv
+            stages) or "interpolate" (decode on the grid, then resize the images and logits, linearly; the
+            cost of a decoder then stays that of the grid).
     """
 
     def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, width: int, num_decoders: int,
-                 latent_per_decoder: int, broadcast_size: int, layers: int) -> None:
+                 latent_per_decoder: int, broadcast_size: int, layers: int, grow: str = "conv") -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         ups = math.log2(image_size / broadcast_size) if broadcast_size > 0 else -1
@@ -137,15 +141,18 @@ class BroadcastDecoderBank(nn.Module):
                               f"for image_size {image_size}")
         if layers < 1:
             raise MedgenError(f"{what}: decoder_layers must be >= 1, got {layers}")
+        if grow not in GROWS:
+            raise MedgenError(f"{what}: broadcast_grow must be one of {', '.join(GROWS)}, got {grow!r}")
         k, d = num_decoders, spatial_dims
         self.spatial_dims, self.k, self.out_channels, self.size = d, k, out_channels, broadcast_size
+        self.image_size, self.grow = image_size, grow
         self.register_buffer("coords", coordinate_grid(d, broadcast_size), persistent=False)  # [D, *G]
         mods: list[nn.Module] = []
         cin = latent_per_decoder + d
         for _ in range(layers):
             mods.append(Convolution(d, k * cin, k * width, kernel_size=3, padding=1, groups=k, act="relu", norm=None))
             cin = width
-        for _ in range(int(ups)):
+        for _ in range(int(ups) if grow == "conv" else 0):
             mods += [nn.Upsample(scale_factor=2, mode="nearest"),
                      Convolution(d, k * width, k * width, kernel_size=3, padding=1, groups=k, act="relu", norm=None)]
         mods.append(Convolution(d, k * width, k * out_channels, kernel_size=1, padding=0, groups=k, conv_only=True))
@@ -159,6 +166,10 @@ class BroadcastDecoderBank(nn.Module):
         coords = self.coords.to(z.dtype).expand(b, k, *self.coords.shape)
         h = torch.cat([tiled, coords], dim=2).reshape(b, k * (latent + self.spatial_dims), *grid)
         out = self.net(h)
+        if out.shape[-1] != self.image_size:  # grow == "interpolate": resize every decoder's maps [B, K*(C+1), *S]
+            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+            out = nn.functional.interpolate(out, size=(self.image_size,) * self.spatial_dims, mode=mode,
+                                            align_corners=False)
         # [B, K * (C + 1), *S] -> [B, K, C + 1, *S]
         return out.reshape(b, k, self.out_channels, *out.shape[2:])
 
@@ -181,13 +192,15 @@ class ParallelVAE(nn.Module):
         decoder: "upsample" (linear map to 4^d, then x2 stages) or "broadcast" (spatial broadcast decoder).
         decoder_width: hidden channels of each broadcast decoder (0: 2 * base_width).
         decoder_layers: stride-1 conv layers of each broadcast decoder on its broadcast grid.
-        broadcast_size: edge of the broadcast grid (0: image_size); smaller grids add x2 upsampling stages.
+        broadcast_size: edge of the broadcast grid (0: image_size).
+        broadcast_grow: from a grid smaller than the image: "conv" (x2 upsampling + conv stages) or
+            "interpolate" (decode on the grid, resize the images and logits linearly: cheap).
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
                  latent_per_decoder: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch",
                  upsample: str = "nearest", decoder: str = "upsample", decoder_width: int = 0,
-                 decoder_layers: int = 4, broadcast_size: int = 0) -> None:
+                 decoder_layers: int = 4, broadcast_size: int = 0, broadcast_grow: str = "conv") -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         if spatial_dims not in (2, 3):
@@ -214,7 +227,7 @@ class ParallelVAE(nn.Module):
                 spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
                 width=decoder_width or 2 * base_width, num_decoders=num_decoders,
                 latent_per_decoder=latent_per_decoder, broadcast_size=broadcast_size or image_size,
-                layers=decoder_layers)
+                layers=decoder_layers, grow=broadcast_grow)
         else:
             self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
                                         base_width=base_width, num_decoders=num_decoders,

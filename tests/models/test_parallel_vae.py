@@ -201,3 +201,19 @@ def test_mixture_training_with_broadcast_decoders_learns():
         losses.append(float(out["recon"]))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_broadcast_interpolate_grows_a_small_grid_to_the_image():
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=32, num_decoders=3,
+                         latent_per_decoder=4, base_width=4, broadcast_size=8, broadcast_grow="interpolate",
+                         **BROADCAST).eval()
+    conv = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=32, num_decoders=3,
+                        latent_per_decoder=4, base_width=4, broadcast_size=8, **BROADCAST)
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert out.images.shape == (2, 3, 3, 32, 32)
+    assert torch.allclose(out.weights.sum(dim=1), torch.ones(1), atol=1e-6)
+    # no conv at full resolution: fewer weights than the conv-upsampling variant
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in conv.parameters())
+    with pytest.raises(MedgenError, match="broadcast_grow"):
+        create_model("parallel-vae", image_size=16, decoder="broadcast", broadcast_grow="magic")
