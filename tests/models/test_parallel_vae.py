@@ -217,3 +217,20 @@ def test_broadcast_interpolate_grows_a_small_grid_to_the_image():
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in conv.parameters())
     with pytest.raises(MedgenError, match="broadcast_grow"):
         create_model("parallel-vae", image_size=16, decoder="broadcast", broadcast_grow="magic")
+
+
+def test_broadcast_model_state_round_trip():
+    import io
+
+    kwargs = dict(spatial_dims=2, in_channels=3, image_size=16, num_decoders=2, latent_per_decoder=4, base_width=4,
+                  broadcast_size=8, broadcast_grow="interpolate", **BROADCAST)
+    torch.manual_seed(0)
+    a = create_model("parallel-vae", **kwargs).eval()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(1)
+    b = create_model("parallel-vae", **kwargs).eval()
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(a(x).recon, b(x).recon)
