@@ -26,7 +26,7 @@ import yaml
 
 from medgen.errors import MedgenError, describe_os_error
 
-PRESETS = ("smoke", "quick", "paper")
+PRESETS = ("smoke", "quick", "paper", "scenes", "scenes-reference")
 PRECISION_NAMES = ("auto", "fp32", "tf32", "bf16", "fp16")
 IMAGE_SIZES = (16, 32, 64, 128, 256)  # 4 * 2**n: the encoder/decoder trunks halve/double to 4 voxels
 MAX_SEED = 2**32 - 1
@@ -331,12 +331,12 @@ def load_yaml(text: str, source: str) -> Any:
 
 
 def preset_path(name: str) -> Path:
-    """Path of a bundled preset (smoke, quick, paper)."""
+    """Path of a bundled preset (one of PRESETS)."""
     return Path(str(resources.files("medgen.configs").joinpath(f"{name}.yaml")))
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Load and validate a YAML config; a bare preset name (smoke/quick/paper) picks a bundled file.
+    """Load and validate a YAML config; a bare preset name (one of PRESETS) picks a bundled file.
 
     Args:
         path: a YAML file, a preset name, or None for the defaults.

@@ -334,19 +334,25 @@ def save_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def write_panel(path: Path, model: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor | None) -> None:
-    """One PNG: input, reconstruction, argmax segmentation, truth, then per-decoder images and weights.
+def write_panel(path: Path, model: torch.nn.Module, x: torch.Tensor, truth: torch.Tensor | None,
+                truth_names: dict[int, str] | None = None, title: str = "") -> None:
+    """One labelled PNG: input, reconstruction, argmax segmentation, truth (top row, with legends), then per
+    decoder its image (middle row) and its weight map (bottom row, with its share of the pixels).
 
     Args:
         path: PNG to write.
         model: the parallel-decoder VAE (eval mode).
         x: one image [C, *S].
         truth: true id map [*S] or None.
+        truth_names: names of true ids for the legend (e.g. {0: "sky", 1: "floor", 3: "object 1"});
+            ids without a name are shown as "id N".
+        title: figure title (e.g. the image's name).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     with torch.no_grad():
         out = model(x.unsqueeze(0))
@@ -354,23 +360,36 @@ def write_panel(path: Path, model: torch.nn.Module, x: torch.Tensor, truth: torc
     view = (lambda t: mid_slice(t)) if x.ndim == 4 else (lambda t: t)
     seg = out.weights[0, :, 0].argmax(dim=0)
     pal = palette(max(k, 10))
-    cols = 4 + k
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.4))
+    cols = max(k, 4)
+    fig, axes = plt.subplots(3, cols, figsize=(1.9 * cols, 6.6), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    tiles = [("input", to_uint8(view(x))), ("reconstruction", to_uint8(view(out.recon[0]))),
-             ("segmentation", pal[view(seg).numpy()])]
+    seg_view = view(seg).numpy()
+    tiles = [("input", to_uint8(view(x)), None), ("reconstruction", to_uint8(view(out.recon[0])), None),
+             ("segmentation (argmax w)", pal[seg_view],
+              [Patch(color=pal[i] / 255, label=f"decoder {i}") for i in range(k) if (seg_view == i).any()])]
     if truth is not None:
-        t = view(truth).numpy()
-        tiles.append(("truth", palette(int(t.max()) + 1)[t]))
-    for j, (title, img) in enumerate(tiles):
-        axes[0, j].imshow(img)
-        axes[0, j].set_title(title, fontsize=7)
+        t = view(truth).numpy().astype(np.int64)
+        tpal = palette(max(int(t.max()) + 1, 10))
+        names = truth_names or {}
+        tiles.append(("truth", tpal[t], [Patch(color=tpal[v] / 255, label=names.get(int(v), f"id {int(v)}"))
+                                         for v in np.unique(t)]))
+    for j, (name, img, handles) in enumerate(tiles):
+        ax = axes[0, j]
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        if handles:
+            ax.legend(handles=handles, fontsize=5, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2,
+                      frameon=False, handlelength=1.0, columnspacing=0.6)
+    area = out.weights[0, :, 0].flatten(1).mean(dim=1)  # [K] soft share of the pixels
     for i in range(k):
-        axes[0, 4 + i].imshow(to_uint8(view(out.images[0, i])))
-        axes[0, 4 + i].set_title(f"decoder {i}", fontsize=7, color=pal[i] / 255)
-        axes[1, 4 + i].imshow(view(out.weights[0, i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[1, 4 + i].set_title(f"weight {i}", fontsize=7)
+        axes[1, i].imshow(to_uint8(view(out.images[0, i])))
+        axes[1, i].set_title(f"decoder {i} image", fontsize=8, color=pal[i] / 255)
+        axes[2, i].imshow(view(out.weights[0, i, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[2, i].set_title(f"decoder {i} weight ({100 * float(area[i]):.0f}%)", fontsize=8, color=pal[i] / 255)
+    fig.text(0.005, 0.5, "weights: black 0, white 1", rotation=90, fontsize=6, va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -380,6 +399,9 @@ def write_panel(path: Path, model: torch.nn.Module, x: torch.Tensor, truth: torc
 def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index: int = 0) -> list[int]:
     """Latent traversal strip: row k varies decoder k's highest-variance latent dim of item `index`.
 
+    Each row is titled with the decoder and the latent dimension, each column with the value given to it
+    (the other latents keep the item's posterior means).
+
     Args:
         path: PNG to write.
         model: the parallel-decoder VAE.
@@ -388,10 +410,16 @@ def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index:
     Returns:
         The latent dimension varied for each decoder.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     k = mu.shape[1]
     dims = mu.var(dim=0).argmax(dim=1).tolist() if mu.shape[0] > 1 else [0] * k  # [K]
     values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, TRAVERSAL_STEPS)
-    rows = []
+    fig, axes = plt.subplots(k, TRAVERSAL_STEPS, figsize=(1.2 * TRAVERSAL_STEPS + 1.2, 1.25 * k + 0.5),
+                             squeeze=False)
     with torch.no_grad():
         for d in range(k):
             z = mu[index].unsqueeze(0).repeat(TRAVERSAL_STEPS, 1, 1)  # [T, K, L]
@@ -399,8 +427,20 @@ def write_traversal(path: Path, model: torch.nn.Module, mu: torch.Tensor, index:
             imgs = model.sample(z.flatten(1))  # [T, C, *S]
             if imgs.ndim == 5:
                 imgs = mid_slice(imgs)
-            rows.append(np.concatenate([to_uint8(im) for im in imgs], axis=1))
-    save_png(path, np.concatenate(rows, axis=0))
+            for j, im in enumerate(imgs):
+                ax = axes[d, j]
+                ax.imshow(to_uint8(im))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if d == 0:
+                    ax.set_title(f"z = {float(values[j]):+.1f}", fontsize=7)
+                if j == 0:
+                    ax.set_ylabel(f"decoder {d}\ndim {dims[d]}", fontsize=7)
+    fig.suptitle(f"latent traversal of item {index}: one decoder's most varying dimension per row", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return dims
 
 

@@ -59,3 +59,18 @@ def test_classifier_ensemble_and_ema_options_are_checked():
         config_from_dict({"classifier": {"select": "first"}})
     quick = load_config("quick").classifier
     assert quick.coords and quick.test_flip and quick.ema_decay > 0  # the quick preset's recipe
+
+
+@pytest.mark.parametrize("name", ["scenes", "scenes-reference"])
+def test_scene_presets_build_their_model_and_step(name):
+    from medgen.models import create_model
+    from medgen.training.steps import create_step
+
+    cfg = load_config(name)
+    kwargs = dict(cfg.models["parallel-vae"], spatial_dims=2, in_channels=3, image_size=64)
+    if kwargs.get("broadcast_size", 0) > 64:
+        kwargs["broadcast_size"] = 64
+    model = create_model("parallel-vae", **kwargs)
+    step = create_step("parallel-vae", **cfg.steps.get("parallel-vae", {}))
+    assert model.num_decoders >= 5
+    assert step.kl_end >= step.kl_start

@@ -7,10 +7,19 @@ unsupervised segmentation. The same code runs on 2D scenes and 3D volumes (`spat
 
 The K decoders run as one network with grouped convolutions (groups=K): decoder k owns channel
 group k of every layer, so they share no weights, yet the whole bank is one conv call per stage.
+
+Two decoder kinds (`decoder`):
+- "upsample": a linear map to a 4^d feature map, then x2 upsampling stages (the first version);
+- "broadcast": a spatial broadcast decoder (Watters et al. 2019): each latent is tiled over a
+  `broadcast_size`^d grid, coordinate channels in [-1, 1] are appended, and stride-1 convolutions (then
+  x2 upsampling stages up to `image_size`, if the grid is smaller) decode it. Position has to be read
+  from the coordinates, which makes a decoder draw one compact region: the ingredient MONet, IODINE
+  and Slot Attention share.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +103,77 @@ class DecoderBank(nn.Module):
         return out.reshape(b, self.k, self.out_channels, *out.shape[2:])
 
 
+DECODERS = ("upsample", "broadcast")
+GROWS = ("conv", "interpolate")
+
+
+def coordinate_grid(spatial_dims: int, size: int) -> torch.Tensor:
+    """Coordinate channels [D, size, ...] with values in [-1, 1] (channel i varies along axis i)."""
+    axes = torch.linspace(-1.0, 1.0, size)
+    return torch.stack(torch.meshgrid(*(axes,) * spatial_dims, indexing="ij"))
+
+
+class BroadcastDecoderBank(nn.Module):
+    """K spatial broadcast decoders run together: latents [B, K, L] -> outputs [B, K, C+1, *S].
+
+    Args:
+        spatial_dims: 2 or 3.
+        out_channels: channels per decoder (image channels + 1 confidence logit).
+        image_size: output edge length.
+        width: channels of every hidden layer of one decoder.
+        num_decoders: K.
+        latent_per_decoder: L.
+        broadcast_size: edge of the grid the latent is tiled over (image_size / 2**j); smaller grids are
+            followed by x2 nearest-upsampling + k3 conv stages.
+        layers: stride-1 k3 conv layers on the broadcast grid.
+        grow: how a grid smaller than the image reaches image_size: "conv" (x2 nearest upsampling + k3 conv
+            stages) or "interpolate" (decode on the grid, then resize the images and logits, linearly; the
+            cost of a decoder then stays that of the grid).
+    """
+
+    def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, width: int, num_decoders: int,
+                 latent_per_decoder: int, broadcast_size: int, layers: int, grow: str = "conv") -> None:
+        super().__init__()
+        what = "model 'parallel-vae'"
+        ups = math.log2(image_size / broadcast_size) if broadcast_size > 0 else -1
+        if broadcast_size < 4 or ups < 0 or ups != int(ups):
+            raise MedgenError(f"{what}: broadcast_size must be image_size / 2**j and >= 4, got {broadcast_size} "
+                              f"for image_size {image_size}")
+        if layers < 1:
+            raise MedgenError(f"{what}: decoder_layers must be >= 1, got {layers}")
+        if grow not in GROWS:
+            raise MedgenError(f"{what}: broadcast_grow must be one of {', '.join(GROWS)}, got {grow!r}")
+        k, d = num_decoders, spatial_dims
+        self.spatial_dims, self.k, self.out_channels, self.size = d, k, out_channels, broadcast_size
+        self.image_size, self.grow = image_size, grow
+        self.register_buffer("coords", coordinate_grid(d, broadcast_size), persistent=False)  # [D, *G]
+        mods: list[nn.Module] = []
+        cin = latent_per_decoder + d
+        for _ in range(layers):
+            mods.append(Convolution(d, k * cin, k * width, kernel_size=3, padding=1, groups=k, act="relu", norm=None))
+            cin = width
+        for _ in range(int(ups) if grow == "conv" else 0):
+            mods += [nn.Upsample(scale_factor=2, mode="nearest"),
+                     Convolution(d, k * width, k * width, kernel_size=3, padding=1, groups=k, act="relu", norm=None)]
+        mods.append(Convolution(d, k * width, k * out_channels, kernel_size=1, padding=0, groups=k, conv_only=True))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        b, k, latent = z.shape
+        grid = (self.size,) * self.spatial_dims
+        # [B, K, L] -> [B, K, L, *G] (the latent tiled over the grid) ++ coordinates [B, K, D, *G]
+        tiled = z.reshape(b, k, latent, *(1,) * self.spatial_dims).expand(b, k, latent, *grid)
+        coords = self.coords.to(z.dtype).expand(b, k, *self.coords.shape)
+        h = torch.cat([tiled, coords], dim=2).reshape(b, k * (latent + self.spatial_dims), *grid)
+        out = self.net(h)
+        if out.shape[-1] != self.image_size:  # grow == "interpolate": resize every decoder's maps [B, K*(C+1), *S]
+            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+            out = nn.functional.interpolate(out, size=(self.image_size,) * self.spatial_dims, mode=mode,
+                                            align_corners=False)
+        # [B, K * (C + 1), *S] -> [B, K, C + 1, *S]
+        return out.reshape(b, k, self.out_channels, *out.shape[2:])
+
+
 @register_model("parallel-vae")
 class ParallelVAE(nn.Module):
     """Shared encoder, K decoders with their own latent heads, softmax-weighted reconstruction.
@@ -108,12 +188,19 @@ class ParallelVAE(nn.Module):
         base_width: channels of the first encoder stage and of each decoder's last stage.
         num_classes: accepted for the loop's uniform kwargs; the model is unconditional.
         norm: encoder normalisation (batch | instance | layer | none).
-        upsample: decoder upsampling, "nearest" (upsample + conv) or "transpose" (k4 s2 transposed conv).
+        upsample: "upsample" decoders' upsampling, "nearest" (upsample + conv) or "transpose" (k4 s2 transposed conv).
+        decoder: "upsample" (linear map to 4^d, then x2 stages) or "broadcast" (spatial broadcast decoder).
+        decoder_width: hidden channels of each broadcast decoder (0: 2 * base_width).
+        decoder_layers: stride-1 conv layers of each broadcast decoder on its broadcast grid.
+        broadcast_size: edge of the broadcast grid (0: image_size).
+        broadcast_grow: from a grid smaller than the image: "conv" (x2 upsampling + conv stages) or
+            "interpolate" (decode on the grid, resize the images and logits linearly: cheap).
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
                  latent_per_decoder: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch",
-                 upsample: str = "nearest") -> None:
+                 upsample: str = "nearest", decoder: str = "upsample", decoder_width: int = 0,
+                 decoder_layers: int = 4, broadcast_size: int = 0, broadcast_grow: str = "conv") -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         if spatial_dims not in (2, 3):
@@ -122,6 +209,10 @@ class ParallelVAE(nn.Module):
                            ("latent_per_decoder", latent_per_decoder), ("base_width", base_width)):
             if value < 1:
                 raise MedgenError(f"{what}: {key} must be >= 1, got {value}")
+        if decoder not in DECODERS:
+            raise MedgenError(f"{what}: decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if decoder_width < 0:
+            raise MedgenError(f"{what}: decoder_width must be >= 0 (0: 2 * base_width), got {decoder_width}")
         self.spatial_dims, self.in_channels, self.image_size = spatial_dims, in_channels, image_size
         self.num_decoders, self.latent_per_decoder = num_decoders, latent_per_decoder
         self.latent_dim = num_decoders * latent_per_decoder  # one z for sample(): all decoders' latents
@@ -130,9 +221,17 @@ class ParallelVAE(nn.Module):
                                  base_width=base_width, norm=norm)
         features = self.encoder.out_channels * BOTTLENECK**spatial_dims
         self.heads = nn.Linear(features, num_decoders * 2 * latent_per_decoder)  # all K latent heads in one matmul
-        self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
-                                    base_width=base_width, num_decoders=num_decoders, latent_per_decoder=latent_per_decoder,
-                                    upsample=upsample)
+        self.decoder_kind = decoder
+        if decoder == "broadcast":
+            self.decoders: nn.Module = BroadcastDecoderBank(
+                spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
+                width=decoder_width or 2 * base_width, num_decoders=num_decoders,
+                latent_per_decoder=latent_per_decoder, broadcast_size=broadcast_size or image_size,
+                layers=decoder_layers, grow=broadcast_grow)
+        else:
+            self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
+                                        base_width=base_width, num_decoders=num_decoders,
+                                        latent_per_decoder=latent_per_decoder, upsample=upsample)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, C, *S] -> (mu, logvar), each [B, K, L]."""

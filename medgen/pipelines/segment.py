@@ -3,7 +3,7 @@
 Output folder (written atomically):
     metrics.json        FG-ARI / full ARI / mSC / per-decoder mask area (scenes), tissue Dice (volumes),
                         latent probe vs baseline (scenes), the same scores of k-means / GMM on pixel colour
-                        (baselines)
+                        (baselines), and "comparison": the model's headline scores beside the baselines
     index.html          the run's page (medgen.pipelines.site)
     per_image.csv       per-image metrics
     segmentations/      2D: <name>.png overlay + <name>_labels.png (decoder ids); 3D: <name>_seg.nii.gz
@@ -26,10 +26,11 @@ from medgen.checkpoint import model_from_checkpoint
 from medgen.console import log
 from medgen.data import load_dataset
 from medgen.data.dataset import ImageSet
-from medgen.data.scenes import SHAPES, is_scene_folder, load_scene_dataset
+from medgen.data.scenes import BACKGROUND, FIRST_OBJECT_ID, SHAPES, is_scene_folder, load_scene_dataset
 from medgen.errors import MedgenError
 from medgen.evaluation.segmentation import (
     COLOUR_BASELINES,
+    TISSUES,
     argmax_segmentation,
     colour_clusters,
     latent_probe,
@@ -61,6 +62,25 @@ def run_model(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int =
         mus.append(out.mu.float().cpu())
         soft.append(out.weights.float().flatten(2).mean(dim=2).cpu())  # [B, K, 1*prod(S)] -> [B, K]
     return {"pred": torch.cat(preds), "mu": torch.cat(mus), "soft_area": torch.cat(soft)}
+
+
+def comparison(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The model's headline scores beside each baseline's on the same images: {method: {score: value}}.
+
+    Scenes: fg_ari, full_ari, msc; volumes: Dice per tissue and mean Dice.
+    """
+    def scores(m: dict[str, Any]) -> dict[str, float]:
+        if "scenes" in m:
+            return {key: round(float(m["scenes"][key]), 4) for key in ("fg_ari", "full_ari", "msc")}
+        if "tissue" in m:
+            return {**{f"dice_{t}": round(float(v), 4) for t, v in m["tissue"]["dice"].items()},
+                    "mean_dice": round(float(m["tissue"]["mean_dice"]), 4)}
+        return {}
+
+    table = {"model": scores(metrics)}
+    for method, m in metrics.get("baselines", {}).items():
+        table[method] = scores(m)
+    return {key: value for key, value in table.items() if value}
 
 
 def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path, *, n: int | None = None, panels: int = 16,
@@ -136,6 +156,7 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
             baselines[method] = {"tissue": tissue_dice(torch.as_tensor(base), ds.extras["tissue"].reshape(pred.shape), k)}
     if baselines:
         metrics["baselines"] = baselines
+    metrics["comparison"] = comparison(metrics)
     truth = ds.extras.get("masks")
     if truth is None and "tissue" in ds.extras:
         truth = ds.extras["tissue"].reshape(pred.shape)
@@ -155,9 +176,14 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
             else:
                 nib.save(nib.Nifti1Image(pred[i].numpy().astype(np.uint8), affine if affine is not None else np.eye(4)),
                          str(seg_dir / f"{name}_seg.nii.gz"))
+        truth_names = None
+        if "masks" in ds.extras:
+            truth_names = {**BACKGROUND, **{FIRST_OBJECT_ID + j: f"object {j + 1}" for j in range(32)}}
+        elif "tissue" in ds.extras:
+            truth_names = {0: "background", **TISSUES}
         for i in range(min(panels, len(ds))):
             write_panel(tmp / "panels" / f"{names[i]}.png", model, ds.images[i],
-                        None if truth is None else truth[i])
+                        None if truth is None else truth[i], truth_names=truth_names, title=names[i])
         metrics["traversal_dims"] = write_traversal(tmp / "traversal.png", model, mu)
         with open(tmp / "per_image.csv", "w", newline="") as fh:
             w = csv.writer(fh)

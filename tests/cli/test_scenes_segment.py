@@ -42,6 +42,11 @@ def test_scenes_and_segment_cli(tmp_path):
     assert 0 <= metrics["scenes"]["msc"] <= 1 and -1 <= metrics["scenes"]["fg_ari"] <= 1
     assert len(metrics["scenes"]["mask_area"]) == 3
     assert "probe" in metrics and "baseline" in metrics["probe"]
+    # the model's scores beside the colour baselines', on the same images
+    comp = metrics["comparison"]
+    assert set(comp) == {"model", "kmeans", "gmm"}
+    assert comp["model"]["fg_ari"] == round(metrics["scenes"]["fg_ari"], 4)
+    assert comp["gmm"]["msc"] == round(metrics["baselines"]["gmm"]["scenes"]["msc"], 4)
     assert len(list((out / "panels").glob("*.png"))) == 2
     assert len(list((out / "segmentations").glob("*_labels.png"))) == 6
     assert (out / "traversal.png").is_file() and (out / "metrics.json").is_file()

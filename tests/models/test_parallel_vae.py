@@ -7,7 +7,7 @@ from medgen.errors import MedgenError
 from medgen.models import create_model
 from medgen.runtime import resolve_precision
 from medgen.training.steps import Batch, StepContext, create_step
-from medgen.training.steps.parallel_vae import kl_multiplier, kl_per_decoder, kl_term
+from medgen.training.steps.parallel_vae import kl_multiplier, kl_per_decoder, kl_term, mixture_nll
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -103,3 +103,134 @@ def test_short_training_run_loss_decreases():
 def test_step_rejects_unknown_key():
     with pytest.raises(MedgenError, match="kl_strat"):
         create_step("parallel-vae", kl_strat=1.0)
+
+
+BROADCAST = dict(decoder="broadcast", decoder_width=6, decoder_layers=2)
+
+
+@pytest.mark.parametrize(("dims", "grid"), [(2, 8), (2, 16), (3, 8)])
+def test_broadcast_decoder_shapes_weights_and_independence(dims, grid):
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=dims, in_channels=2, image_size=16, num_decoders=3,
+                         latent_per_decoder=4, base_width=4, broadcast_size=grid, **BROADCAST).eval()
+    sp = (16,) * dims
+    x = torch.rand(2, 2, *sp) * 2 - 1
+    out = model(x)
+    assert out.images.shape == (2, 3, 2, *sp)
+    assert out.weights.shape == (2, 3, 1, *sp)
+    assert torch.allclose(out.weights.sum(dim=1), torch.ones(1), atol=1e-6)
+    assert torch.isfinite(out.recon).all()
+    # grouped convs: decoder 1's latent moves decoder 1's image and nobody else's
+    z = out.mu.clone()
+    z[:, 1] += 2.0
+    _, images, _, _ = model.decode(z)
+    assert not torch.allclose(images[:, 1], out.images[:, 1])
+    assert torch.allclose(images[:, [0, 2]], out.images[:, [0, 2]], atol=1e-6)
+
+
+def test_broadcast_decoder_reads_the_coordinates():
+    # the same latent everywhere on the grid: without the coordinate channels every pixel would be equal
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=16, num_decoders=2,
+                         latent_per_decoder=4, base_width=4, **BROADCAST).eval()
+    _, images, logits, _ = model.decode(torch.zeros(1, 2, 4))
+    assert images[0, 0].flatten(1).std(dim=1).min() > 1e-4
+    assert logits[0, 0].std() > 1e-4
+
+
+def test_broadcast_bad_arguments():
+    with pytest.raises(MedgenError, match="decoder must be one of"):
+        create_model("parallel-vae", decoder="slots")
+    with pytest.raises(MedgenError, match="broadcast_size"):
+        create_model("parallel-vae", image_size=16, decoder="broadcast", broadcast_size=12)
+    with pytest.raises(MedgenError, match="broadcast_size"):
+        create_model("parallel-vae", image_size=16, decoder="broadcast", broadcast_size=32)
+    with pytest.raises(MedgenError, match="decoder_layers"):
+        create_model("parallel-vae", image_size=16, decoder="broadcast", decoder_layers=0)
+    with pytest.raises(MedgenError, match="must be int"):
+        create_model("parallel-vae", decoder_width=2.5)
+
+
+def test_mixture_nll_values():
+    x = torch.zeros(1, 1, 2, 2)
+    images = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)]).unsqueeze(0)  # [1, K=2, 1, 2, 2]
+    # decoder 0 sure and exact: zero loss
+    sure = torch.stack([torch.full((1, 2, 2), 50.0), torch.full((1, 2, 2), -50.0)]).unsqueeze(0)
+    assert mixture_nll(x, images, sure, sigma=0.5).item() == pytest.approx(0.0, abs=1e-6)
+    # the wrong decoder sure: 0.5 * (1 / sigma)^2 per pixel
+    assert mixture_nll(x, images, -sure, sigma=0.5).item() == pytest.approx(2.0, rel=1e-4)
+    # equal weights: -log(0.5 * 1 + 0.5 * exp(-2)) per pixel, not the error of the 50/50 blend
+    even = torch.zeros(1, 2, 1, 2, 2)
+    expected = -np.log(0.5 + 0.5 * np.exp(-2.0))
+    assert mixture_nll(x, images, even, sigma=0.5).item() == pytest.approx(expected, rel=1e-5)
+    # one decoder: the plain Gaussian error sum (x - mu)^2 / (2 sigma^2) per element
+    one = mixture_nll(x, images[:, 1:], torch.zeros(1, 1, 1, 2, 2), sigma=0.1)
+    assert one.item() == pytest.approx(50.0, rel=1e-5)
+
+
+def test_kl_ramp_reaches_the_end_early():
+    assert kl_multiplier(0.0, 1.0, 0, 101, ramp=0.5) == pytest.approx(0.0)
+    assert kl_multiplier(0.0, 1.0, 25, 101, ramp=0.5) == pytest.approx(0.5)
+    assert kl_multiplier(0.0, 1.0, 50, 101, ramp=0.5) == pytest.approx(1.0)
+    assert kl_multiplier(0.0, 1.0, 90, 101, ramp=0.5) == pytest.approx(1.0)
+
+
+def test_step_rejects_bad_likelihood_and_sigma():
+    with pytest.raises(MedgenError, match="likelihood"):
+        create_step("parallel-vae", likelihood="bernoulli")
+    with pytest.raises(MedgenError, match="sigma"):
+        create_step("parallel-vae", likelihood="mixture", sigma=0.0)
+    with pytest.raises(MedgenError, match="kl_ramp"):
+        create_step("parallel-vae", kl_ramp=0.0)
+
+
+def test_mixture_training_with_broadcast_decoders_learns():
+    torch.manual_seed(0)
+    x = _tiny_scenes(n=6, size=16)
+    model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=16, num_decoders=3,
+                         latent_per_decoder=8, base_width=4, decoder="broadcast", decoder_width=8, decoder_layers=2)
+    step = create_step("parallel-vae", likelihood="mixture", sigma=0.2, kl_start=0.0, kl_end=0.01,
+                       individual_multiplier=1.0, individual_exponent=1.0)
+    opt = step.optimizers(model, 3e-3)
+    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
+                      generator=torch.Generator().manual_seed(0), total_iterations=40)
+    losses = []
+    for it in range(40):
+        ctx.iteration = it
+        out = step(model, Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64)), opt, ctx)
+        losses.append(float(out["recon"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_broadcast_interpolate_grows_a_small_grid_to_the_image():
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=32, num_decoders=3,
+                         latent_per_decoder=4, base_width=4, broadcast_size=8, broadcast_grow="interpolate",
+                         **BROADCAST).eval()
+    conv = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=32, num_decoders=3,
+                        latent_per_decoder=4, base_width=4, broadcast_size=8, **BROADCAST)
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert out.images.shape == (2, 3, 3, 32, 32)
+    assert torch.allclose(out.weights.sum(dim=1), torch.ones(1), atol=1e-6)
+    # no conv at full resolution: fewer weights than the conv-upsampling variant
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in conv.parameters())
+    with pytest.raises(MedgenError, match="broadcast_grow"):
+        create_model("parallel-vae", image_size=16, decoder="broadcast", broadcast_grow="magic")
+
+
+def test_broadcast_model_state_round_trip():
+    import io
+
+    kwargs = dict(spatial_dims=2, in_channels=3, image_size=16, num_decoders=2, latent_per_decoder=4, base_width=4,
+                  broadcast_size=8, broadcast_grow="interpolate", **BROADCAST)
+    torch.manual_seed(0)
+    a = create_model("parallel-vae", **kwargs).eval()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(1)
+    b = create_model("parallel-vae", **kwargs).eval()
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(a(x).recon, b(x).recon)

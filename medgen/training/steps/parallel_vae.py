@@ -1,6 +1,13 @@
 """Training step of the parallel-decoder VAE: reconstruction + scheduled, per-decoder KL (DESIGN.md section 6).
 
-    loss = mean((recon - x)^2) + g(t) * sum_k (m * KL_k / n) ** e
+    loss = R + g(t) * sum_k (m * KL_k / n) ** e
+
+R, the reconstruction term per input element, is one of (`likelihood`):
+- "mse": mean((recon - x)^2), the error of the weighted sum recon = sum_k w_k image_k;
+- "mixture": -1/n sum_pixels log sum_k w_k N(x; image_k, sigma^2 I), a mixture likelihood with one fixed
+  sigma per component (MONet, IODINE), without the constant log(sigma sqrt(2 pi)) so that a perfect fit
+  scores 0. Each pixel is explained by one decoder rather than blended, so decoders are pushed to own
+  regions: a blend of two wrong images no longer fits a pixel.
 
 with n the number of input elements (C * prod(S)), KL_k the KL divergence of decoder k's posterior
 (summed over its latent dims, averaged over the batch), g(t) a linear schedule from `kl_start` to
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medgen.errors import MedgenError
 from medgen.models.parallel_vae import ParallelVAE
 from medgen.training.steps.base import Batch, Step, StepContext, register_step
 
@@ -34,10 +42,30 @@ def kl_per_decoder(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return kl.sum(dim=2).mean(dim=0)
 
 
-def kl_multiplier(kl_start: float, kl_end: float, iteration: int, total_iterations: int) -> float:
-    """Linear schedule from kl_start (iteration 0) to kl_end (last iteration)."""
-    frac = min(max(iteration / max(total_iterations - 1, 1), 0.0), 1.0)
+LIKELIHOODS = ("mse", "mixture")
+
+
+def kl_multiplier(kl_start: float, kl_end: float, iteration: int, total_iterations: int, ramp: float = 1.0) -> float:
+    """Linear schedule from kl_start (iteration 0) to kl_end, reached after a fraction `ramp` of the run."""
+    frac = min(max(iteration / max(ramp * (total_iterations - 1), 1), 0.0), 1.0)
     return kl_start + (kl_end - kl_start) * frac
+
+
+def mixture_nll(x: torch.Tensor, images: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.Tensor:
+    """-1/n sum_pixels log sum_k w_k N(x; image_k, sigma^2 I), averaged over the batch (constant dropped).
+
+    Args:
+        x: images [B, C, *S].
+        images: per-decoder images [B, K, C, *S].
+        logits: confidence logits [B, K, 1, *S] (w = softmax over K).
+        sigma: the fixed standard deviation of every component.
+    Returns:
+        Scalar, per input element (n = C * prod(S)).
+    """
+    log_w = torch.log_softmax(logits, dim=1)[:, :, 0]  # [B, K, *S]
+    log_n = -0.5 * ((x.unsqueeze(1) - images) / sigma).pow(2).sum(dim=2)  # [B, K, *S], summed over channels
+    log_p = torch.logsumexp(log_w + log_n, dim=1)  # [B, *S]
+    return -log_p.sum() / x.numel()
 
 
 def kl_term(kl: torch.Tensor, *, elements: int, multiplier: float, individual_multiplier: float,
@@ -64,6 +92,9 @@ class ParallelVAEStep(Step):
         kl_end: global KL multiplier at the last iteration (linear in between).
         individual_multiplier: m, scales each decoder's per-element KL before the exponent.
         individual_exponent: e, exponent on each decoder's scaled KL (1: plain beta-VAE).
+        kl_ramp: fraction of the run over which the global multiplier goes from kl_start to kl_end (then flat).
+        likelihood: "mse" (of the weighted reconstruction) or "mixture" (per-pixel mixture of decoders).
+        sigma: the fixed per-component standard deviation of the mixture likelihood (images in [-1, 1]).
         beta1: Adam beta1.
         beta2: Adam beta2.
     """
@@ -72,8 +103,20 @@ class ParallelVAEStep(Step):
     kl_end: float = 1.0
     individual_multiplier: float = 100.0
     individual_exponent: float = 2.0
+    kl_ramp: float = 1.0
+    likelihood: str = "mse"
+    sigma: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        what = "steps.parallel-vae"
+        if self.likelihood not in LIKELIHOODS:
+            raise MedgenError(f"{what}: likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
+        if not self.sigma > 0:
+            raise MedgenError(f"{what}: sigma must be > 0, got {self.sigma}")
+        if not 0 < self.kl_ramp <= 1:
+            raise MedgenError(f"{what}: kl_ramp must be in (0, 1], got {self.kl_ramp}")
 
     def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
         return {"vae": torch.optim.Adam(model.parameters(), lr=lr, betas=(self.beta1, self.beta2))}
@@ -84,9 +127,12 @@ class ParallelVAEStep(Step):
         noise = ctx.randn(x.shape[0], model.num_decoders, model.latent_per_decoder, device=x.device)
         with ctx.precision.autocast():
             out = model(x, batch.labels, noise=noise)
-        recon = torch.mean((out.recon.float() - x.float()) ** 2)
+        if self.likelihood == "mixture":
+            recon = mixture_nll(x.float(), out.images.float(), out.logits.float(), self.sigma)
+        else:
+            recon = torch.mean((out.recon.float() - x.float()) ** 2)
         kl = kl_per_decoder(out.mu.float(), out.logvar.float())
-        g = kl_multiplier(self.kl_start, self.kl_end, ctx.iteration, ctx.total_iterations)
+        g = kl_multiplier(self.kl_start, self.kl_end, ctx.iteration, ctx.total_iterations, self.kl_ramp)
         kl_loss = kl_term(kl, elements=x[0].numel(), multiplier=g, individual_multiplier=self.individual_multiplier,
                           individual_exponent=self.individual_exponent)
         loss = recon + kl_loss
