@@ -46,10 +46,10 @@ def check_launcher(launcher: str) -> None:
 
 
 def make_executor(launcher: Launcher, folder: Path, cfg: Config) -> Any:
-    """A submitit executor for `launcher` with the config's job resources (logs under `folder`)."""
+    """A submitit executor for `launcher` with the config's job resources (logs under `folder`); call
+    check_launcher first."""
     import submitit
 
-    check_launcher(launcher)
     lc = cfg.launcher
     if launcher == "local":
         executor = submitit.LocalExecutor(folder=folder / "%j")
