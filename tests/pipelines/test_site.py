@@ -46,7 +46,8 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One smoke run of each kind: train (vae), cv-evaluate (one generator), segment, evaluate-synth JSON."""
+    """One smoke run of each kind: train (vae), cv-evaluate (one generator), segment, evaluate-synth JSON, and the
+    autoencoder toolkit (a one-class vae with its anomaly, denoise and traverse runs)."""
     d = tmp_path_factory.mktemp("site-runs")
     rng = np.random.default_rng(0)
     rows = ["path\tdiagnosis\tparticipant"]
@@ -74,6 +75,14 @@ def runs(tmp_path_factory):
     pvae = fit("parallel-vae", load_scene_dataset(scenes), d / "pvae", train=train, device="cpu", seed=0,
                model_kwargs=dict(num_decoders=3, latent_per_decoder=4, base_width=4))
     invoke("segment", "--checkpoint", pvae.checkpoint, "--data", scenes, "--out", out / "seg", "--panels", 2)
+    # the autoencoder toolkit: a vae trained on one class with held-out subjects, then its three commands
+    invoke("train", "vae", "--data", d / "table.tsv", *cols, "--out", out / "vae-healthy", "--config", cfg,
+           "--iterations", 2, "--batch-size", 2, "--device", "cpu", "--precision", "fp32",
+           "--classes", "healthy", "--holdout", 0.5)
+    toolkit = ["--checkpoint", out / "vae-healthy", "--device", "cpu"]  # the data the run trained on
+    invoke("anomaly", *toolkit, "--out", out / "anomaly")
+    invoke("denoise", *toolkit, "--out", out / "denoise", "--levels", "0.05,0.2")
+    invoke("traverse", *toolkit, "--out", out / "traverse", "--steps", 3, "--dims", 2)
     site = d / "site"
     r = invoke("report", out, "--out", site)
     return {"root": out, "site": site, "summary": json.loads(r.stdout)}
@@ -111,7 +120,8 @@ def _check_page_files(page: Path) -> None:
 
 def test_every_run_command_writes_its_page(runs):
     root = runs["root"]
-    for name, kind in (("vae", "train"), ("cv", "cv-evaluate"), ("seg", "segment")):
+    for name, kind in (("vae", "train"), ("cv", "cv-evaluate"), ("seg", "segment"), ("vae-healthy", "train"),
+                       ("anomaly", "anomaly"), ("denoise", "denoise"), ("traverse", "traverse")):
         page = root / name / "index.html"
         assert page.is_file(), f"{name} has no page"
         assert detect_kind(root / name) == kind
@@ -123,12 +133,13 @@ def test_every_run_command_writes_its_page(runs):
 
 def test_report_collects_every_run_into_a_self_contained_site(runs):
     site, summary = runs["site"], runs["summary"]
-    assert summary["runs"] == 4 and summary["kinds"] == {"train": 1, "cv-evaluate": 1, "segment": 1,
-                                                         "evaluate-synth": 1}
+    assert summary["runs"] == 8 and summary["kinds"] == {"train": 2, "cv-evaluate": 1, "segment": 1,
+                                                         "evaluate-synth": 1, "anomaly": 1, "denoise": 1,
+                                                         "traverse": 1}
     index = site / "index.html"
     _check_page_files(index)
     refs = list(dict.fromkeys(r for t, r in _refs(index).refs if t == "a"))  # name and preview link the page
-    assert len(refs) == 4 and all((site / r).is_file() for r in refs)
+    assert len(refs) == 8 and all((site / r).is_file() for r in refs)
     for r in refs:
         _check_page_files(site / r)
     cv = (site / "runs" / "cv" / "index.html").read_text(encoding="utf-8")
@@ -347,8 +358,8 @@ def test_site_renders_in_headless_chromium(runs, tmp_path):
             assert _not_blank(img), f"{url}: the screenshot is blank"
         index = facts[(site / "index.html").as_uri()]
         assert {"data sortable runs"} <= {t["cls"] for t in index["tables"]}
-        assert next(t for t in index["tables"] if "runs" in t["cls"])["rows"] == 4
-        assert len(facts) == 5  # the index and four run pages
+        assert next(t for t in index["tables"] if "runs" in t["cls"])["rows"] == 8
+        assert len(facts) == 9  # the index and eight run pages
         pages = {Path(urlparse(u).path).parent.name: f for u, f in facts.items()}
         assert pages["cv"]["verdict"] >= 1 and any("results" in t["cls"] for t in pages["cv"]["tables"])
         assert any("accuracy.png" in i["src"] for i in pages["cv"]["images"])
@@ -356,8 +367,14 @@ def test_site_renders_in_headless_chromium(runs, tmp_path):
         assert any("panels/" in i["src"] for i in pages["seg"]["images"])
         assert any("scores" in t["cls"] for t in pages["seg"]["tables"])
         assert any("scores" in t["cls"] for t in pages["quality"]["tables"])
+        # the autoencoder toolkit: anomaly AUCs and its ROC / overlays, the denoising table, the traversal strips
+        assert any("scores" in t["cls"] for t in pages["anomaly"]["tables"])
+        assert {"roc.png", "overlays.png"} <= {Path(urlparse(i["src"]).path).name for i in pages["anomaly"]["images"]}
+        assert any("scores" in t["cls"] and t["rows"] == 2 for t in pages["denoise"]["tables"])  # two noise levels
+        assert pages["denoise"]["images"] and pages["traverse"]["images"]
+        assert all(i["w"] > 0 for i in pages["traverse"]["images"])
         # the pages the commands wrote into their run folders render too, with their images in place
-        for name in ("vae", "cv", "seg"):
+        for name in ("vae", "cv", "seg", "anomaly", "denoise", "traverse"):
             url = (runs["root"] / name / "index.html").as_uri()
             assert not browser.open(url), url
             f = browser.evaluate(PAGE_FACTS)
