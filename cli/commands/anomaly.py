@@ -27,6 +27,9 @@ def anomaly(
                                          help="Gaussian smoothing of the error maps (voxels).")] = 1.0,
     maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Write a NIfTI error map and z map per subject.")] = True,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Volumes per forward pass.")] = 8,
+    roi: Annotated[Path | None, typer.Option("--roi", help="Region-of-interest mask (NIfTI on the training grid) for "
+                                            "the ROI deficit scores.",
+                                            show_default="on phantom data hippocampus + ventricles, else none")] = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -34,7 +37,7 @@ def anomaly(
     scores.csv, ROC AUC of each class against the normal one, and where the top 1 % error voxels lie."""
     from medgen.pipelines.anomaly import detect_anomalies
 
-    m = detect_anomalies(checkpoint, data, out, normal=normal, sigma=sigma, maps=maps, batch_size=batch_size,
+    m = detect_anomalies(checkpoint, data, out, normal=normal, sigma=sigma, maps=maps, batch_size=batch_size, roi=roi,
                          device=device or "auto", overwrite=overwrite)
     echo_json({k: m[k] for k in ("out", "normal", "scored_per_class", "headline_score", "auc", "regions") if k in m}
               | {"out": str(out)})

@@ -4,9 +4,15 @@ An autoencoder trained on one (normal) class reconstructs that class well; volum
 errors where they differ. The measurements here take the inputs and reconstructions (no model):
 
 - `error_maps`: |x - reconstruction|, Gaussian-smoothed (voxels), on the model scale [-1, 1];
+- `deficit_maps`: reconstruction - x, signed and smoothed: positive where the input is darker than the normal
+  reconstruction (on T1, tissue replaced by CSF: atrophy, enlarged ventricles);
 - `normative_z`: each voxel's error as a z-score against the errors of reference (normal, training) volumes;
 - `subject_scores`: per volume, the mean map value over the brain and the mean over its top 1 % voxels;
+- `region_score`: per volume, the mean map value inside a region of interest (an a-priori ROI: a whole-brain
+  top-1 % score is dominated by the many voxels every blurry reconstruction misses, a signed mean over the
+  region where the disease acts is not);
 - `roc`: ROC AUC (scikit-learn) of a score separating a positive class from the normal one;
+- `auc_interval`: a stratified percentile-bootstrap 95 % interval of that AUC;
 - `code_distance`: the Mahalanobis distance of a volume's latent code to the reference codes (the encoder's view);
 - `top_share`: the share of a volume's top 1 % voxels that fall inside given regions, beside the share those
   regions have of the brain (what a map with no preference for them would give).
@@ -45,6 +51,23 @@ def error_maps(images: torch.Tensor, recon: torch.Tensor, sigma: float = 1.0) ->
     return err[:, 0]
 
 
+def deficit_maps(images: torch.Tensor, recon: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Signed deficit [N, *spatial]: reconstruction - input (first channel), smoothed with a Gaussian of `sigma`
+    voxels; positive where the input is darker than its normal reconstruction.
+
+    Args:
+        images: [N, C, *spatial] inputs.
+        recon: [N, C, *spatial] reconstructions.
+        sigma: smoothing in voxels.
+    """
+    if images.shape != recon.shape:
+        raise MedgenError(f"images {tuple(images.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
+    d = (recon.float() - images.float())[:, :1]  # [N, 1, *S]
+    if sigma > 0:
+        d = GaussianFilter(images.ndim - 2, sigma)(d)
+    return d[:, 0]
+
+
 def normative_z(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Voxelwise z-scores of `maps` [N, *S] against the reference maps [R, *S] (mean and SD per voxel, SD floored)."""
     if reference.shape[0] < 2:
@@ -71,6 +94,16 @@ def subject_scores(maps: torch.Tensor, mask: np.ndarray, top: float = TOP_SHARE)
             "top": vals.topk(k, dim=1).values.mean(dim=1).numpy().astype(np.float64)}
 
 
+def region_score(maps: torch.Tensor, region: np.ndarray) -> np.ndarray:
+    """Per volume [N]: the mean of maps [N, *S] inside the boolean region [*S]."""
+    r = torch.from_numpy(np.asarray(region, dtype=bool))
+    if tuple(r.shape) != tuple(maps.shape[1:]):
+        raise MedgenError(f"the region has shape {tuple(r.shape)}; the maps have {tuple(maps.shape[1:])}")
+    if int(r.sum()) == 0:
+        raise MedgenError("the region of interest is empty")
+    return maps[:, r].mean(dim=1).numpy().astype(np.float64)
+
+
 def roc(scores: Sequence[float], positive: Sequence[bool]) -> dict[str, Any]:
     """ROC AUC of `scores` (higher = more anomalous) for the positives against the rest, and the curve."""
     y = np.asarray(positive, dtype=bool)
@@ -80,6 +113,28 @@ def roc(scores: Sequence[float], positive: Sequence[bool]) -> dict[str, Any]:
     fpr, tpr, _ = roc_curve(y, s)
     return {"auc": float(roc_auc_score(y, s)), "n_positive": int(y.sum()), "n_negative": int((~y).sum()),
             "fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def auc_interval(scores: Sequence[float], positive: Sequence[bool], n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC, resampling positives and negatives separately (so every
+    replicate has both), seeded; (nan, nan) when a group is empty."""
+    y = np.asarray(positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    p = pos[rng.integers(0, len(pos), (n_boot, len(pos)))]  # [B, P]
+    n = neg[rng.integers(0, len(neg), (n_boot, len(neg)))]  # [B, N]
+    chunk = max(1, 20_000_000 // (len(pos) * len(neg)))  # replicates per step, to bound memory
+    aucs = []
+    for b in range(0, n_boot, chunk):
+        diff = p[b:b + chunk, :, None] - n[b:b + chunk, None, :]  # [b, P, N]
+        aucs.append((diff > 0).mean(axis=(1, 2)) + 0.5 * (diff == 0).mean(axis=(1, 2)))  # P(pos > neg) + ties / 2
+    aucs = np.concatenate(aucs)
+    a = (1 - level) / 2
+    return float(np.quantile(aucs, a)), float(np.quantile(aucs, 1 - a))
 
 
 def code_distance(codes: torch.Tensor, reference: torch.Tensor, ridge: float = 1e-2) -> np.ndarray:

@@ -107,6 +107,31 @@ def test_anomaly_scores_only_unseen_subjects(cn_run, phantom, tmp_path):
     for name in ("overlays.png", "roc.png", "scores.png", "index.html"):
         assert (out / name).is_file()
     assert detect_kind(out) == "anomaly" and "ROC AUC" in (out / "index.html").read_text()
+    # phantom data: the ROI scores read the affected regions, and lead
+    assert metrics["headline_score"] == "roi_deficit" and "hippocampus+ventricles" in metrics["settings"]["roi"]
+    assert {"roi_deficit", "roi_deficit_z"} <= set(res["auc"]["CN_vs_AD"])
+    assert all(np.isfinite(float(row["roi_deficit"])) for row in rows)
+    assert len(sorted((out / "maps").glob("*_deficit.nii.gz"))) == len(rows)
+
+
+def test_anomaly_roi_mask(cn_run, phantom, tmp_path):
+    run, _ = cn_run
+    ckpt = torch.load(run / "final.pt", weights_only=True)
+    mask = np.zeros((16, 16, 16), dtype=np.uint8)
+    mask[4:8, 4:8, 4:8] = 1
+    good = tmp_path / "roi.nii.gz"
+    nib.save(nib.Nifti1Image(mask, ckpt["affine"].numpy()), str(good))
+    out = tmp_path / "a"
+    r = invoke("anomaly", "--checkpoint", run, "--data", phantom, "--out", out, "--roi", good, "--no-maps")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["roi"] == "mask roi.nii.gz" and m["settings"]["roi_voxels"] == 64
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), dtype=np.uint8), np.eye(4)), str(bad))
+    for roi, msg in ((bad, "shape (8, 8, 8)"), (tmp_path / "missing.nii.gz", "no such file")):
+        r = invoke("anomaly", "--checkpoint", run, "--data", phantom, "--out", tmp_path / "b", "--roi", roi)
+        assert r.exit_code == 1 and msg in r.output and str(roi.name) in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
 def test_anomaly_bad_inputs_are_one_line(all_run, cn_run, tmp_path):

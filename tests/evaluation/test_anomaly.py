@@ -8,7 +8,17 @@ import torch
 
 from medgen.data.augmentation import NOISE_RANGE, add_noise
 from medgen.errors import MedgenError
-from medgen.evaluation.anomaly import code_distance, error_maps, normative_z, roc, subject_scores, top_share
+from medgen.evaluation.anomaly import (
+    auc_interval,
+    code_distance,
+    deficit_maps,
+    error_maps,
+    normative_z,
+    region_score,
+    roc,
+    subject_scores,
+    top_share,
+)
 from medgen.evaluation.denoising import psnr_ssim
 from medgen.evaluation.splits import holdout_split, training_selection
 from medgen.models.blocks import ClassConditionedLinear
@@ -26,6 +36,46 @@ def test_top_share_finds_errors_inside_a_region():
     assert np.allclose(share["per_volume"]["r"], 1.0) and share["top_voxels"] == 10
     flat = top_share(torch.rand(50, 10, 10, 10), mask, {"r": region}, top=0.1)["per_volume"]["r"].mean()
     assert abs(flat - 0.2) < 0.03  # no preference: the region's share of the brain
+
+
+def test_roi_deficit_sees_a_small_darkening_the_whole_brain_score_misses():
+    """Six subjects: three "normal", three with their ROI 0.2 darker than the reconstruction; everyone also has a
+    large error of random sign in a random place elsewhere (what a blurry reconstruction misses)."""
+    g = torch.Generator().manual_seed(0)
+    recon = torch.zeros(6, 1, 10, 10, 10)
+    x = recon.clone()
+    roi = np.zeros((10, 10, 10), dtype=bool)
+    roi[:3, :3, :3] = True
+    for i in range(6):
+        k = int(torch.randint(3, 10, (1,), generator=g))
+        x[i, 0, k, 5:, 5:] += 1.0 if i % 2 else -1.0  # the misses, larger than the effect
+    x[3:, 0, :3, :3, :3] -= 0.2  # the darkening in the ROI
+    d = deficit_maps(x, recon, sigma=0)
+    assert torch.allclose(d, (recon - x)[:, 0])  # positive where the input is darker
+    sick = [False] * 3 + [True] * 3
+    assert roc(region_score(d, roi), sick)["auc"] == 1.0
+    assert np.allclose(region_score(d, roi), [0, 0, 0, 0.2, 0.2, 0.2], atol=1e-6)
+    whole = subject_scores(error_maps(x, recon, sigma=0), np.ones_like(roi))["top"]
+    assert roc(whole, sick)["auc"] < 1.0
+    with pytest.raises(MedgenError, match="empty"):
+        region_score(d, np.zeros_like(roi))
+    with pytest.raises(MedgenError, match="shape"):
+        region_score(d, np.ones((4, 4, 4), dtype=bool))
+
+
+def test_auc_interval_covers_the_auc_and_narrows_with_more_subjects():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (20, 200):
+        s = np.concatenate([rng.normal(0, 1, n), rng.normal(1, 1, n)])
+        y = np.r_[np.zeros(n, bool), np.ones(n, bool)]
+        lo, hi = auc_interval(s, y, n_boot=500)
+        assert lo <= roc(s, y)["auc"] <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    assert np.isnan(auc_interval([1.0, 2.0], [True, True])[0])
+    lo, hi = auc_interval([0.0, 0.0, 1.0, 1.0], [False, False, True, True], n_boot=50)
+    assert lo == hi == 1.0
 
 
 def test_scores_and_roc():
