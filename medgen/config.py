@@ -148,6 +148,9 @@ class CVConfig:
     fractions: list[float] = field(default_factory=lambda: [0.33, 0.5])
     augmentation: list[bool] = field(default_factory=lambda: [False, True])
     augment_synthetic: bool = True  # cross the synthetic arms with `augmentation` too (false: real + aug only)
+    # Share of a "+ aug" arm's training images that get the classical augmentation in each batch (the others stay
+    # as acquired, as when augmented copies are added to the real set); 1.0: every image, as the reference study.
+    augment_share: float = _f(0.5, gt=0.0, le=1.0)
     tstr: bool = True
     generator_iterations: int | dict[str, int] | None = _f(None, ge=1)  # one budget, or one per model name
     synthetic_classes: Literal["match", "balanced"] = "match"

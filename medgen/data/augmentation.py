@@ -151,14 +151,19 @@ class TrainingAugmentation:
         classical: apply ClassicalAugmentation.
         flip: mirror each image left-right (the first spatial axis of a RAS volume) with probability 1/2;
             one uniform draw per image from the loop's generator, so resume stays bit-exact.
+        share: probability that an image gets the classical augmentation (the others stay as acquired, as when
+            augmented copies are added to the real images instead of replacing them); 1: every image.
     """
 
     spacing_mm: float = 3.0
     spatial_dims: int = 3
     classical: bool = True
     flip: bool = False
+    share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"augmentation share must be in (0, 1], got {self.share}")
         self.augmentation = ClassicalAugmentation(spatial_dims=self.spatial_dims, spacing_mm=self.spacing_mm)
 
     def __call__(self, batch: Any, generator: torch.Generator) -> Any:
@@ -167,8 +172,13 @@ class TrainingAugmentation:
             mirror = torch.rand(len(images), generator=generator, device=generator.device) < 0.5
             mirror = mirror.to(images.device).view(-1, *([1] * (images.ndim - 1)))
             images = torch.where(mirror, images.flip(2), images)  # dim 2: first spatial axis (R-L)
-        if self.classical:
+        if self.classical and self.share >= 1.0:
             images = self.augmentation(images, generator)
+        elif self.classical:
+            chosen = (torch.rand(len(images), generator=generator, device=generator.device) < self.share).tolist()
+            with torch.no_grad():
+                images = torch.stack([self.augmentation.apply(img, self.augmentation.draw(generator)) if c else img
+                                      for img, c in zip(images, chosen, strict=True)])
         return dataclasses.replace(batch, images=images)
 
 

@@ -1,4 +1,12 @@
-"""Conditional VAE, registered as "vae": conv encoder -> (mu, logvar) -> z -> the GAN generator as decoder."""
+"""Conditional VAE, registered as "vae": conv encoder -> (mu, logvar) -> z -> the GAN generator as decoder.
+
+With `class_prior` the prior is class-conditional, p(z | y) = N(m_y, I) with learned means m_y, and the encoder
+does not see the class: q(z | x). Codes are kept standardised (z - m_y), so the training step's KL against N(0, I),
+`sample(z, labels)` on standard normal z and encode/decode round trips work unchanged; the decoder gets z + m_y.
+Why: a class-conditioned encoder learns to subtract each class's centroid from the code (the KL rewards it) and a
+decoder that reads anatomy from z then draws the same anatomy for every class; with the class prior the class
+centroids stay in the decoder's input and prior samples of class y sit at its centroid.
+"""
 
 from __future__ import annotations
 
@@ -36,11 +44,12 @@ class VAE(nn.Module):
         upsample: decoder upsampling, "transpose" or "nearest".
         norm: normalisation of encoder and decoder blocks.
         logvar_clamp: |logvar| bound that keeps exp(logvar) finite early in training (0: none).
+        class_prior: class-conditional prior N(m_y, I) and a class-blind encoder (see the module docstring).
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", norm: str = "batch",
-                 logvar_clamp: float = 10.0) -> None:
+                 logvar_clamp: float = 10.0, class_prior: bool = False) -> None:
         super().__init__()
         check_common("model 'vae'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -50,22 +59,39 @@ class VAE(nn.Module):
         self.in_channels = in_channels
         self.spatial_dims = spatial_dims
         self.logvar_clamp = logvar_clamp
-        self.encoder = Encoder(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
-                               image_size=image_size, base_width=base_width, out_features=2 * latent_dim,
-                               norm=norm)
+        self.class_prior = class_prior
+        self.encoder = Encoder(spatial_dims=spatial_dims, in_channels=in_channels,
+                               num_classes=0 if class_prior else num_classes, image_size=image_size,
+                               base_width=base_width, out_features=2 * latent_dim, norm=norm)
+        # the prior means m_y, one row per class, zero at the start (the N(0, I) prior)
+        self.prior = nn.Embedding(num_classes, latent_dim) if class_prior else None
+        if self.prior is not None:
+            nn.init.zeros_(self.prior.weight)
         self.decoder = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                                  image_size=image_size, base_width=base_width, latent_dim=latent_dim,
                                  upsample=upsample, norm=norm)
 
+    def prior_mean(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""
+        if self.prior is None:
+            return torch.zeros_like(like)
+        if labels.is_floating_point() and labels.ndim == 2:  # soft condition: the weighted mean of the class means
+            return (labels.to(self.prior.weight.dtype) @ self.prior.weight).to(like.dtype)  # [B, K] @ [K, L]
+        return self.prior(labels).to(like.dtype)
+
     def encode(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters (mu, logvar), each [B, latent_dim]."""
-        mu, logvar = self.encoder(x, labels).chunk(2, dim=1)  # [B, 2L] -> 2 x [B, L]
+        """Posterior parameters (mu, logvar), each [B, latent_dim] (mu standardised by the class prior's mean)."""
+        mu, logvar = self.encoder(x, None if self.class_prior else labels).chunk(2, dim=1)  # [B, 2L] -> 2 x [B, L]
         if self.logvar_clamp > 0:
             logvar = logvar.clamp(-self.logvar_clamp, self.logvar_clamp)
+        if self.prior is not None:
+            mu = mu - self.prior_mean(labels, mu)
         return mu, logvar
 
     def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+        """Decode (standardised) latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+        if self.prior is not None:
+            z = z + self.prior_mean(labels, z)
         return self.decoder(z, labels)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
@@ -86,7 +112,7 @@ class VAE(nn.Module):
             z = mu + torch.exp(0.5 * logvar) * noise.to(mu.dtype)
         else:
             z = mu
-        return VAEOutput(recon=self.decoder(z, labels), mu=mu, logvar=logvar, z=z)
+        return VAEOutput(recon=self.sample(z, labels), mu=mu, logvar=logvar, z=z)
 
     @classmethod
     def tiny_kwargs(cls, spatial_dims: int) -> dict[str, Any]:

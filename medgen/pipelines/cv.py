@@ -452,7 +452,7 @@ def run_arm(cfg: Config, arm: Arm, fold: int, train_set: ImageSet, val_set: Imag
     transform = None
     if arm.augment or c.flip:
         transform = TrainingAugmentation(spacing_mm(train_set), train_set.spatial_dims, classical=arm.augment,
-                                         flip=c.flip)
+                                         flip=c.flip, share=cfg.cv.augment_share)
     y_val = val_set.labels.numpy()
 
     def validate(m: nn.Module) -> dict[str, float]:

@@ -273,6 +273,22 @@ def test_augmentation_shifts_are_millimetres_on_every_grid():
     assert out.images.shape == batch.images.shape and torch.equal(out.labels, batch.labels)
 
 
+def test_training_augmentation_share_leaves_the_other_images_as_acquired():
+    from medgen.data.augmentation import TrainingAugmentation
+    from medgen.training.steps import Batch
+
+    x = torch.rand(64, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    batch = Batch(images=x, labels=torch.zeros(64, dtype=torch.long))
+    unchanged = []
+    for share in (1.0, 0.5):
+        out = TrainingAugmentation(spacing_mm=3.0, share=share)(batch, torch.Generator().manual_seed(0)).images
+        unchanged.append(sum(torch.equal(o, xi) for o, xi in zip(out, x, strict=True)))
+    assert unchanged[0] <= 3  # the study's probabilities leave about 0.5 % of images untouched
+    assert 20 <= unchanged[1] <= 44  # about half
+    with pytest.raises(ValueError, match="share"):
+        TrainingAugmentation(share=0.0)
+
+
 def test_training_augmentation_flips_left_right_only_when_asked():
     from medgen.data.augmentation import TrainingAugmentation
     from medgen.training.steps import Batch
