@@ -34,6 +34,18 @@ TOP_SHARE = 0.01  # the top 1 % of brain voxels
 Z_FLOOR = 1e-3  # smallest reference SD (model-scale units) a z-score divides by
 
 
+def _smoothed_difference(images: torch.Tensor, recon: torch.Tensor, sigma: float, absolute: bool) -> torch.Tensor:
+    """recon - images (or its absolute value) of the first channel [N, *spatial], Gaussian-smoothed (voxels)."""
+    if images.shape != recon.shape:
+        raise MedgenError(f"images {tuple(images.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
+    d = (recon.float() - images.float())[:, :1]  # [N, 1, *S]
+    if absolute:
+        d = d.abs()
+    if sigma > 0:
+        d = GaussianFilter(images.ndim - 2, sigma)(d)
+    return d[:, 0]
+
+
 def error_maps(images: torch.Tensor, recon: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """Absolute reconstruction error [N, *spatial] (first channel), smoothed with a Gaussian of `sigma` voxels
     (MONAI GaussianFilter; 0: unsmoothed).
@@ -43,12 +55,7 @@ def error_maps(images: torch.Tensor, recon: torch.Tensor, sigma: float = 1.0) ->
         recon: [N, C, *spatial] reconstructions.
         sigma: smoothing in voxels.
     """
-    if images.shape != recon.shape:
-        raise MedgenError(f"images {tuple(images.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
-    err = (images.float() - recon.float()).abs()[:, :1]  # [N, 1, *S]
-    if sigma > 0:
-        err = GaussianFilter(images.ndim - 2, sigma)(err)
-    return err[:, 0]
+    return _smoothed_difference(images, recon, sigma, absolute=True)
 
 
 def deficit_maps(images: torch.Tensor, recon: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -60,12 +67,7 @@ def deficit_maps(images: torch.Tensor, recon: torch.Tensor, sigma: float = 1.0) 
         recon: [N, C, *spatial] reconstructions.
         sigma: smoothing in voxels.
     """
-    if images.shape != recon.shape:
-        raise MedgenError(f"images {tuple(images.shape)} and reconstructions {tuple(recon.shape)} differ in shape")
-    d = (recon.float() - images.float())[:, :1]  # [N, 1, *S]
-    if sigma > 0:
-        d = GaussianFilter(images.ndim - 2, sigma)(d)
-    return d[:, 0]
+    return _smoothed_difference(images, recon, sigma, absolute=False)
 
 
 def normative_z(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
