@@ -187,9 +187,11 @@ def verdict(results: dict[str, Any]) -> list[str]:
     real = _arm(arms, REFERENCE)
     if real is None:
         return []
+    ens = (real.get("test_ensemble") or {}).get("balanced_accuracy")
+    ens_text = f"; the {results['folds']} fold models' ensemble {100 * ens:.1f}%" if ens is not None else ""
     lines = [f"Real only: test balanced accuracy {100 * real['test_balanced_accuracy']['mean']:.1f}% "
-             f"(± {100 * (real['test_balanced_accuracy']['sd'] or 0):.1f} over {results['folds']} folds; chance "
-             f"{100 / len(results['class_names']):.1f}%)."]
+             f"(± {100 * (real['test_balanced_accuracy']['sd'] or 0):.1f} over {results['folds']} folds{ens_text}; "
+             f"chance {100 / len(results['class_names']):.1f}%)."]
     ctrl = results["controls"]
     if ctrl.get("linear"):
         lin = ctrl["linear"]

@@ -621,11 +621,18 @@ def _toolkit_run(path: Path, kind: str) -> Run:
         for pair, vals in (res.get("auc") or {}).items():
             run.figures.append((f"AUC {pair.replace('_', ' ')}", fmt(vals.get(score), 3), _sortval(vals.get(score))))
         scores = list(next(iter((res.get("auc") or {}).values()), {}))
+        ci = res.get("auc_interval") or {}
+
+        def cell(pair: str, s: str) -> Any:
+            v, iv = (res["auc"][pair] or {}).get(s), (ci.get(pair) or {}).get(s)
+            return f"{fmt(v, 3)} [{fmt(iv[0], 3)}, {fmt(iv[1], 3)}]" if v is not None and iv else v
+
         run.sections.append(("ROC AUC (held-out subjects)", [table(
-            ["normal vs class", *scores], [[p.replace("_", " "), *[v.get(s) for s in scores]]
-                                           for p, v in (res.get("auc") or {}).items()], cls="scores",
-            caption=f"normal class {res.get('normal')}; scored per class: {fmt(res.get('scored_per_class'))}; "
-                    f"{res.get('leakage_check', '')}")]))
+            ["normal vs class", *scores], [[p.replace("_", " "), *[cell(p, s) for s in scores]]
+                                           for p in (res.get("auc") or {})], cls="scores",
+            caption=f"normal class {res.get('normal')}; headline score {score}; scored per class: "
+                    f"{fmt(res.get('scored_per_class'))}; {res.get('leakage_check', '')}"
+                    + ("; [95 % bootstrap interval]" if ci else ""))]))
         blocks: list[dict[str, Any]] = []
         for map_name, reg in (res.get("regions") or {}).items():
             if not isinstance(reg, dict):
