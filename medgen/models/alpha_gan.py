@@ -44,6 +44,9 @@ class AlphaGAN(nn.Module):
         d_norm: image critic normalisation (layer | instance | none).
         code_hidden: hidden units of the code critic.
         conditional_encoder: whether E also sees the class (E(x, y)); False gives Kwon et al.'s E(x).
+        class_prior: a class-conditional prior N(m_y, I) with learned means m_y (as the vae's `class_prior`):
+            codes are standardised, E(x) - m_y, for the code critic and `encode`, and `sample` decodes z + m_y,
+            so prior samples of class y start from its centroid; G(E(x)) is unchanged.
     """
 
     compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
@@ -51,7 +54,7 @@ class AlphaGAN(nn.Module):
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  e_norm: str = "batch", d_norm: str = "layer", code_hidden: int = 256,
-                 conditional_encoder: bool = False) -> None:
+                 conditional_encoder: bool = False, class_prior: bool = False) -> None:
         super().__init__()
         check_common("model 'alpha-gan'", spatial_dims=spatial_dims, in_channels=in_channels,
                      num_classes=num_classes, image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -67,19 +70,33 @@ class AlphaGAN(nn.Module):
             spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
             base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm)
         self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
+        self.prior = nn.Embedding(num_classes, latent_dim) if class_prior else None  # m_y, zero at the start
+        if self.prior is not None:
+            nn.init.zeros_(self.prior.weight)
+
+    def prior_mean(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""
+        if self.prior is None:
+            return torch.zeros_like(like)
+        if labels.is_floating_point() and labels.ndim == 2:  # soft condition: the weighted mean of the class means
+            return (labels.to(self.prior.weight.dtype) @ self.prior.weight).to(like.dtype)  # [B, K] @ [K, L]
+        return self.prior(labels).to(like.dtype)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Deterministic code E(x) [B, latent_dim]."""
-        return self.encoder(x, labels)
+        """Deterministic code E(x) [B, latent_dim] (minus m_y with a class prior)."""
+        code = self.encoder(x, labels)
+        return code - self.prior_mean(labels, code) if self.prior is not None else code
 
     def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+        """Decode (standardised) latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+        if self.prior is not None:
+            z = z + self.prior_mean(labels, z)
         return self.generator(z, labels)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> AlphaGANOutput:
         """Reconstruct x through E and G and score reconstruction and code with both critics."""
-        code = self.encoder(x, labels)
-        recon = self.generator(code, labels)
+        code = self.encode(x, labels)
+        recon = self.sample(code, labels)
         return AlphaGANOutput(recon=recon, code=code, recon_score=self.discriminator(recon, labels),
                               code_score=self.code_discriminator(code))
 

@@ -58,7 +58,8 @@ class AlphaGANStep(Step):
         d_lr = lr * self.d_lr_scale
         return {
             "encoder_generator": torch.optim.Adam(
-                [{"params": model.encoder.parameters()}, {"params": model.generator.parameters()}],
+                [{"params": model.encoder.parameters()}, {"params": model.generator.parameters()}]
+                + ([{"params": model.prior.parameters()}] if getattr(model, "prior", None) is not None else []),
                 lr=lr, betas=betas),
             "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=d_lr, betas=betas),
             "code_discriminator": torch.optim.Adam(model.code_discriminator.parameters(), lr=d_lr, betas=betas),
@@ -85,8 +86,11 @@ class AlphaGANStep(Step):
         with frozen(D, C):
             with ctx.precision.autocast():
                 code = E(x, y)
-                # one generator call on [E(x); z]: [2B, L] -> [2B, C, ...]
-                both = G(torch.cat([code, z_prior.to(code.dtype)]), y2)
+                latents = torch.cat([code, z_prior.to(code.dtype)])  # [2B, L]: [E(x); z]
+                if getattr(model, "prior", None) is not None:  # class prior: the critic sees E(x) - m_y, G gets z + m_y
+                    code = code - model.prior_mean(y, code)
+                    latents = torch.cat([code, z_prior.to(code.dtype)]) + model.prior_mean(y2, code)
+                both = G(latents, y2)  # one generator call: [2B, L] -> [2B, C, ...]
                 both_score = D(both, y2)
                 code_score = C(code)
             recon = both[:b]

@@ -1,4 +1,4 @@
-"""The conditional VAE's class prior: p(z | y) = N(m_y, I), a class-blind encoder, standardised codes."""
+"""The class prior of the vae and alpha-gan: p(z | y) = N(m_y, I), standardised codes."""
 
 from __future__ import annotations
 
@@ -50,3 +50,37 @@ def test_class_prior_means_learn_the_class_centroids():
     gap = (m.prior.weight[1] - m.prior.weight[0]).norm()
     assert gap > 0.05, gap
     assert _vae().prior is None  # off by default: old checkpoints load
+
+
+def test_alpha_gan_class_prior_standardises_codes_and_trains_its_means():
+    torch.manual_seed(0)
+    m = create_model("alpha-gan", spatial_dims=3, image_size=16, base_width=4, latent_dim=8, code_hidden=16,
+                     class_prior=True).eval()
+    with torch.no_grad():
+        m.prior.weight.copy_(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)))
+    x = torch.rand(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    y = torch.tensor([0, 1, 2, 0])
+    code = m.encode(x, y)
+    torch.testing.assert_close(code, m.encoder(x, y) - m.prior.weight[y])
+    torch.testing.assert_close(m(x, y).recon, m.generator(m.encoder(x, y), y))  # G(E(x)) unchanged
+    torch.testing.assert_close(m.sample(torch.zeros(3, 8), torch.arange(3)),
+                               m.generator(m.prior.weight.detach(), torch.arange(3)))
+    assert create_model("alpha-gan", spatial_dims=3, image_size=16, base_width=4, latent_dim=8).prior is None
+
+
+def test_alpha_gan_step_moves_the_prior_means(tmp_path):
+    from medgen.config import TrainConfig
+    from medgen.data.dataset import ImageSet
+    from medgen.training.loop import fit
+
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(12, 1, 16, 16, 16, generator=g) * 2 - 1
+    data = ImageSet(images=images, labels=torch.arange(12) % 3, subjects=[f"s{i}" for i in range(12)],
+                    class_names=["CN", "MCI", "AD"])
+    train = TrainConfig(iterations=3, batch_size=4, ema_decay=0.0, precision="fp32", log_every=1, sample_every=0,
+                        checkpoint_every=0)
+    r = fit("alpha-gan", data, tmp_path / "ag", train=train, device="cpu", seed=0,
+            model_kwargs=dict(base_width=4, latent_dim=8, code_hidden=16, class_prior=True))
+    ck = torch.load(r.checkpoint, weights_only=True)
+    w = ck["state"]["model"]["prior.weight"]
+    assert torch.isfinite(w).all() and w.abs().sum() > 0  # trained from zero by the encoder-generator optimizer
