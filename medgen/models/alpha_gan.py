@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medgen.models.blocks import embed_labels
 from medgen.models.networks import CodeDiscriminator, Encoder, check_common, generator_and_critic
 from medgen.models.registry import register_model
 
@@ -78,9 +79,7 @@ class AlphaGAN(nn.Module):
         """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""
         if self.prior is None:
             return torch.zeros_like(like)
-        if labels.is_floating_point() and labels.ndim == 2:  # soft condition: the weighted mean of the class means
-            return (labels.to(self.prior.weight.dtype) @ self.prior.weight).to(like.dtype)  # [B, K] @ [K, L]
-        return self.prior(labels).to(like.dtype)
+        return embed_labels(self.prior, labels).to(like.dtype)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Deterministic code E(x) [B, latent_dim] (minus m_y with a class prior)."""

@@ -105,6 +105,14 @@ class UpBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+def embed_labels(embedding: nn.Embedding, labels: torch.Tensor) -> torch.Tensor:
+    """Rows of `embedding` for labels [B] (class indices), or for labels [B, K] (class weights, a soft condition:
+    the weighted mean of the classes' rows) -> [B, F]."""
+    if labels.is_floating_point() and labels.ndim == 2:
+        return labels.to(embedding.weight.dtype) @ embedding.weight  # [B, K] @ [K, F] -> [B, F]
+    return embedding(labels)
+
+
 class ClassConditionedLinear(nn.Module):
     """Linear layer on [x, one_hot(label)]: W x + E[label], with E a learned class embedding.
 
@@ -129,10 +137,7 @@ class ClassConditionedLinear(nn.Module):
         e.g. between two classes: the weighted mean of their embeddings)."""
         out = self.linear(x)
         if self.embed is not None:
-            if labels is not None and labels.is_floating_point() and labels.ndim == 2:
-                out = out + labels.to(self.embed.weight.dtype) @ self.embed.weight  # [B, K] @ [K, F] -> [B, F]
-            else:
-                out = out + self.embed(labels)
+            out = out + embed_labels(self.embed, labels)
         return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medgen.models.blocks import embed_labels
 from medgen.models.networks import Encoder, Generator, check_common
 from medgen.models.registry import register_model
 
@@ -75,9 +76,7 @@ class VAE(nn.Module):
         """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""
         if self.prior is None:
             return torch.zeros_like(like)
-        if labels.is_floating_point() and labels.ndim == 2:  # soft condition: the weighted mean of the class means
-            return (labels.to(self.prior.weight.dtype) @ self.prior.weight).to(like.dtype)  # [B, K] @ [K, L]
-        return self.prior(labels).to(like.dtype)
+        return embed_labels(self.prior, labels).to(like.dtype)
 
     def encode(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters (mu, logvar), each [B, latent_dim] (mu standardised by the class prior's mean)."""
