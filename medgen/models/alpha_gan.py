@@ -48,6 +48,7 @@ class AlphaGAN(nn.Module):
         class_prior: a class-conditional prior N(m_y, I) with learned means m_y (as the vae's `class_prior`):
             codes are standardised, E(x) - m_y, for the code critic and `encode`, and `sample` decodes z + m_y,
             so prior samples of class y start from its centroid; G(E(x)) is unchanged.
+        class_offset: a learned full-resolution map per class added before the output tanh (see Generator).
     """
 
     compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
@@ -55,7 +56,7 @@ class AlphaGAN(nn.Module):
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  e_norm: str = "batch", d_norm: str = "layer", code_hidden: int = 256,
-                 conditional_encoder: bool = False, class_prior: bool = False) -> None:
+                 conditional_encoder: bool = False, class_prior: bool = False, class_offset: bool = False) -> None:
         super().__init__()
         check_common("model 'alpha-gan'", spatial_dims=spatial_dims, in_channels=in_channels,
                      num_classes=num_classes, image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -69,7 +70,8 @@ class AlphaGAN(nn.Module):
                                base_width=base_width, out_features=latent_dim, norm=e_norm)
         self.generator, self.discriminator = generator_and_critic(
             spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-            base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm)
+            base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm,
+            class_offset=class_offset)
         self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
         self.prior = nn.Embedding(num_classes, latent_dim) if class_prior else None  # m_y, zero at the start
         if self.prior is not None:

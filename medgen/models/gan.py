@@ -39,13 +39,14 @@ class GAN(nn.Module):
         upsample: generator upsampling, "transpose" or "nearest".
         g_norm: generator normalisation (batch | instance | layer | none).
         d_norm: critic normalisation (layer | instance | none).
+        class_offset: a learned full-resolution map per class added before the output tanh (see Generator).
     """
 
     compile_children = ("generator",)  # the critic stays eager (gradient penalty: double backward)
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
-                 d_norm: str = "layer") -> None:
+                 d_norm: str = "layer", class_offset: bool = False) -> None:
         super().__init__()
         check_common("model 'gan'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -53,7 +54,8 @@ class GAN(nn.Module):
         self.num_classes = num_classes
         self.generator, self.discriminator = generator_and_critic(
             spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-            base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm)
+            base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm,
+            class_offset=class_offset)
 
     def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""

@@ -16,6 +16,7 @@ from medgen.models.blocks import (
     DownTrunk,
     ProjectionHead,
     UpBlock,
+    embed_labels,
     norm_arg,
     num_stages,
     stage_channels,
@@ -47,11 +48,14 @@ class Generator(nn.Module):
         latent_dim: size of z.
         upsample: "transpose" or "nearest" (upsample + conv).
         norm: normalisation of the hidden stages (batch in DCGAN).
+        class_offset: add a learned full-resolution map per class before the output tanh (zero at the start).
+            Why: a class effect that is small beside the anatomy's variation (atrophy in a few regions) is
+            one gradient step away in the map, where through the bottleneck it is lost in the reconstruction.
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose",
-                 norm: str = "batch") -> None:
+                 norm: str = "batch", class_offset: bool = False) -> None:
         super().__init__()
         n = num_stages(image_size)
         self.spatial_dims = spatial_dims
@@ -71,13 +75,23 @@ class Generator(nn.Module):
                                   upsample=upsample, norm="none" if last else norm,
                                   act=None if last else "relu"))
         self.stages = nn.Sequential(*stages)
+        if class_offset and num_classes < 1:
+            raise MedgenError("generator: class_offset needs num_classes >= 1")
+        # [K, C * S^d]: one pre-tanh map per class, looked up (or class-weighted) like an embedding
+        self.offset = (nn.Embedding(num_classes, in_channels * image_size**spatial_dims) if class_offset
+                       else None)
+        if self.offset is not None:
+            nn.init.zeros_(self.offset.weight)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         h = self.fc(z, labels)
         # [B, C * 4^d] -> [B, C, 4, ...]
         h = h.view(z.shape[0], self.bottleneck_channels, *(BOTTLENECK,) * self.spatial_dims)
         h = self.fc_act(self.fc_norm(h))
-        return torch.tanh(self.stages(h))
+        out = self.stages(h)
+        if self.offset is not None:
+            out = out + embed_labels(self.offset, labels).to(out.dtype).view_as(out)  # [B, C*S^d] -> [B, C, *S]
+        return torch.tanh(out)
 
 
 class Discriminator(nn.Module):
@@ -166,11 +180,12 @@ class CodeDiscriminator(nn.Module):
 
 
 def generator_and_critic(*, spatial_dims: int, in_channels: int, num_classes: int, image_size: int, base_width: int,
-                         latent_dim: int, upsample: str, g_norm: str, d_norm: str) -> tuple[Generator, Discriminator]:
+                         latent_dim: int, upsample: str, g_norm: str, d_norm: str,
+                         class_offset: bool = False) -> tuple[Generator, Discriminator]:
     """The generator and the image critic of a GAN-style model (built in this order: same init RNG draws)."""
     generator = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                           image_size=image_size, base_width=base_width, latent_dim=latent_dim,
-                          upsample=upsample, norm=g_norm)
+                          upsample=upsample, norm=g_norm, class_offset=class_offset)
     discriminator = Discriminator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                                   image_size=image_size, base_width=base_width, norm=d_norm)
     return generator, discriminator

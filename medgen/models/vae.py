@@ -46,11 +46,12 @@ class VAE(nn.Module):
         norm: normalisation of encoder and decoder blocks.
         logvar_clamp: |logvar| bound that keeps exp(logvar) finite early in training (0: none).
         class_prior: class-conditional prior N(m_y, I) and a class-blind encoder (see the module docstring).
+        class_offset: a learned full-resolution map per class added before the output tanh (see Generator).
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", norm: str = "batch",
-                 logvar_clamp: float = 10.0, class_prior: bool = False) -> None:
+                 logvar_clamp: float = 10.0, class_prior: bool = False, class_offset: bool = False) -> None:
         super().__init__()
         check_common("model 'vae'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -70,7 +71,7 @@ class VAE(nn.Module):
             nn.init.zeros_(self.prior.weight)
         self.decoder = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                                  image_size=image_size, base_width=base_width, latent_dim=latent_dim,
-                                 upsample=upsample, norm=norm)
+                                 upsample=upsample, norm=norm, class_offset=class_offset)
 
     def prior_mean(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""
