@@ -56,20 +56,9 @@ def test_vae_offset_learns_where_the_classes_differ():
 
 
 @pytest.mark.parametrize("name", ["gan", "alpha-gan"])
-def test_gan_steps_train_the_offset(tmp_path, name):
-    from medgen.config import TrainConfig
-    from medgen.data.dataset import ImageSet
-    from medgen.training.loop import fit
-
-    g = torch.Generator().manual_seed(4)
-    images = torch.rand(12, 1, 16, 16, 16, generator=g) * 2 - 1
-    data = ImageSet(images=images, labels=torch.arange(12) % 3, subjects=[f"s{i}" for i in range(12)],
-                    class_names=["CN", "MCI", "AD"])
-    train = TrainConfig(iterations=3, batch_size=4, ema_decay=0.0, precision="fp32", log_every=1, sample_every=0,
-                        checkpoint_every=0)
-    kwargs = dict(base_width=4, latent_dim=8, class_offset=True) | (dict(code_hidden=16) if name == "alpha-gan" else {})
-    r = fit(name, data, tmp_path / name, train=train, device="cpu", seed=0, model_kwargs=kwargs)
-    w = torch.load(r.checkpoint, weights_only=True)["state"]["model"]["generator.offset.weight"]
+def test_gan_steps_train_the_offset(tiny_fit, name):
+    extra = dict(code_hidden=16) if name == "alpha-gan" else {}
+    w = tiny_fit(name, base_width=4, latent_dim=8, class_offset=True, **extra)["generator.offset.weight"]
     assert torch.isfinite(w).all() and w.abs().sum() > 0  # trained from zero by the generator's optimizer
 
 
