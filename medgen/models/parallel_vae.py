@@ -105,6 +105,7 @@ class DecoderBank(nn.Module):
 
 DECODERS = ("upsample", "broadcast")
 GROWS = ("conv", "interpolate")
+ENCODERS = ("conv", "slots")
 
 
 def coordinate_grid(spatial_dims: int, size: int) -> torch.Tensor:
@@ -174,6 +175,86 @@ class BroadcastDecoderBank(nn.Module):
         return out.reshape(b, k, self.out_channels, *out.shape[2:])
 
 
+class SlotEncoder(nn.Module):
+    """Shared encoder with slot attention (Locatello et al. 2020): images [B, C, *S] -> (mu, logvar) [B, K, L].
+
+    A conv stack maps the image to a `feature_size`^d grid of tokens (plus a learned position embedding of
+    coordinate channels); K slots, one learned starting vector per decoder, then take `iterations` rounds of
+    attention in which the softmax runs over the slots: slots compete for every token, so each token ends
+    up explained by one slot. That competition is what a single global feature vector split into K heads
+    lacks. Each slot then has its own latent head (mu_k, logvar_k), as in the conv encoder.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        image_size: input edge length.
+        feature_size: edge of the token grid (image_size / 2**j).
+        slot_size: D, channels of the conv stack, the tokens and the slots.
+        num_slots: K.
+        latent_per_decoder: L.
+        iterations: attention rounds.
+    """
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, feature_size: int, slot_size: int,
+                 num_slots: int, latent_per_decoder: int, iterations: int) -> None:
+        super().__init__()
+        what = "model 'parallel-vae'"
+        downs = math.log2(image_size / feature_size) if feature_size > 0 else -1
+        if feature_size < 4 or downs < 0 or downs != int(downs) or downs > 4:
+            raise MedgenError(f"{what}: slot_feature_size must be image_size / 2**j (j <= 4) and >= 4, got "
+                              f"{feature_size} for image_size {image_size}")
+        if iterations < 1:
+            raise MedgenError(f"{what}: slot_iterations must be >= 1, got {iterations}")
+        d, dim = spatial_dims, slot_size
+        self.spatial_dims, self.k, self.latent, self.iterations, self.scale = d, num_slots, latent_per_decoder, \
+            iterations, slot_size**-0.5
+        strides = [2] * int(downs) + [1] * max(4 - int(downs), 0)
+        convs, cin = [], in_channels
+        for s in strides:
+            convs.append(Convolution(d, cin, dim, strides=s, kernel_size=5, padding=2, act="relu", norm=None))
+            cin = dim
+        self.convs = nn.Sequential(*convs)
+        grid = coordinate_grid(d, feature_size)
+        self.register_buffer("coords", torch.cat([grid, -grid]), persistent=False)  # [2D, *G]
+        self.position = nn.Linear(2 * d, dim)
+        self.token_mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.norm_tokens = nn.LayerNorm(dim)
+        self.to_k, self.to_v = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.norm_slots, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.gru = nn.GRUCell(dim, dim)
+        self.slot_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        self.slots_init = nn.Parameter(torch.randn(num_slots, dim) * dim**-0.5)  # one start per decoder
+        # one latent head per slot: weight [K, D, 2L] applied with einsum
+        self.head_weight = nn.Parameter(torch.randn(num_slots, dim, 2 * latent_per_decoder) * dim**-0.5 * 0.1)
+        self.head_bias = nn.Parameter(torch.zeros(num_slots, 2 * latent_per_decoder))
+
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, C, *S] -> (slots [B, K, D], attention of the last round [B, K, N] over the N tokens)."""
+        b = x.shape[0]
+        h = self.convs(x)  # [B, D, *G]
+        pos = self.position(self.coords.to(h.dtype).flatten(1).t())  # [N, D]
+        # [B, D, *G] -> [B, N, D]
+        tokens = self.token_mlp(h.flatten(2).transpose(1, 2) + pos)
+        tokens = self.norm_tokens(tokens)
+        keys, values = self.to_k(tokens), self.to_v(tokens)  # [B, N, D]
+        slots = self.slots_init.to(h.dtype).expand(b, -1, -1)  # [B, K, D]
+        for _ in range(self.iterations):
+            q = self.to_q(self.norm_slots(slots))  # [B, K, D]
+            attn = torch.softmax(torch.einsum("bnd,bkd->bkn", keys, q) * self.scale, dim=1)  # softmax over slots
+            share = (attn + 1e-8) / (attn + 1e-8).sum(dim=2, keepdim=True)  # weighted mean over tokens
+            updates = torch.einsum("bkn,bnd->bkd", share, values)
+            # GRUCell takes [B*K, D]
+            slots = self.gru(updates.reshape(-1, updates.shape[-1]), slots.reshape(-1, slots.shape[-1])).view_as(slots)
+            slots = slots + self.slot_mlp(self.norm_mlp(slots))
+        return slots, attn
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots, _ = self.attend(x)
+        stats = torch.einsum("bkd,kdf->bkf", slots, self.head_weight.to(slots.dtype)) + self.head_bias  # [B, K, 2L]
+        return stats[..., : self.latent], stats[..., self.latent :]
+
+
 @register_model("parallel-vae")
 class ParallelVAE(nn.Module):
     """Shared encoder, K decoders with their own latent heads, softmax-weighted reconstruction.
@@ -195,12 +276,19 @@ class ParallelVAE(nn.Module):
         broadcast_size: edge of the broadcast grid (0: image_size).
         broadcast_grow: from a grid smaller than the image: "conv" (x2 upsampling + conv stages) or
             "interpolate" (decode on the grid, resize the images and logits linearly: cheap).
+        encoder: "conv" (k4 s2 trunk to 4^d, one linear map to all K heads) or "slots" (slot attention:
+            the K latents compete for the image's locations).
+        slot_size: channels of the slot encoder's conv stack, tokens and slots.
+        slot_feature_size: edge of the slot encoder's token grid (0: image_size / 2, at most 32).
+        slot_iterations: attention rounds of the slot encoder.
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
                  latent_per_decoder: int = 100, base_width: int = 16, num_classes: int = 0, norm: str = "batch",
                  upsample: str = "nearest", decoder: str = "upsample", decoder_width: int = 0,
-                 decoder_layers: int = 4, broadcast_size: int = 0, broadcast_grow: str = "conv") -> None:
+                 decoder_layers: int = 4, broadcast_size: int = 0, broadcast_grow: str = "conv",
+                 encoder: str = "conv", slot_size: int = 64, slot_feature_size: int = 0,
+                 slot_iterations: int = 3) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         if spatial_dims not in (2, 3):
@@ -211,16 +299,27 @@ class ParallelVAE(nn.Module):
                 raise MedgenError(f"{what}: {key} must be >= 1, got {value}")
         if decoder not in DECODERS:
             raise MedgenError(f"{what}: decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if encoder not in ENCODERS:
+            raise MedgenError(f"{what}: encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+        if slot_size < 1:
+            raise MedgenError(f"{what}: slot_size must be >= 1, got {slot_size}")
         if decoder_width < 0:
             raise MedgenError(f"{what}: decoder_width must be >= 0 (0: 2 * base_width), got {decoder_width}")
         self.spatial_dims, self.in_channels, self.image_size = spatial_dims, in_channels, image_size
         self.num_decoders, self.latent_per_decoder = num_decoders, latent_per_decoder
         self.latent_dim = num_decoders * latent_per_decoder  # one z for sample(): all decoders' latents
         self.num_classes = num_classes
-        self.encoder = DownTrunk(spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
-                                 base_width=base_width, norm=norm)
-        features = self.encoder.out_channels * BOTTLENECK**spatial_dims
-        self.heads = nn.Linear(features, num_decoders * 2 * latent_per_decoder)  # all K latent heads in one matmul
+        self.encoder_kind = encoder
+        if encoder == "slots":
+            self.encoder: nn.Module = SlotEncoder(
+                spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
+                feature_size=slot_feature_size or min(image_size // 2, 32), slot_size=slot_size,
+                num_slots=num_decoders, latent_per_decoder=latent_per_decoder, iterations=slot_iterations)
+        else:
+            self.encoder = DownTrunk(spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
+                                     base_width=base_width, norm=norm)
+            features = self.encoder.out_channels * BOTTLENECK**spatial_dims
+            self.heads = nn.Linear(features, num_decoders * 2 * latent_per_decoder)  # all K latent heads in one matmul
         self.decoder_kind = decoder
         if decoder == "broadcast":
             self.decoders: nn.Module = BroadcastDecoderBank(
@@ -235,6 +334,9 @@ class ParallelVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, C, *S] -> (mu, logvar), each [B, K, L]."""
+        if self.encoder_kind == "slots":
+            mu, logvar = self.encoder(x)
+            return mu, logvar.clamp(-12.0, 8.0)
         h = self.encoder(x).flatten(1)
         # [B, K * 2 * L] -> [B, K, 2, L]
         stats = self.heads(h).view(x.shape[0], self.num_decoders, 2, self.latent_per_decoder)

@@ -234,3 +234,71 @@ def test_broadcast_model_state_round_trip():
     b.load_state_dict(torch.load(buf, weights_only=True))
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     assert torch.equal(a(x).recon, b(x).recon)
+
+
+SLOTS = dict(encoder="slots", slot_size=8, slot_feature_size=8, slot_iterations=2)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_slot_encoder_shapes_and_competition(dims):
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=dims, in_channels=1, image_size=16, num_decoders=3,
+                         latent_per_decoder=4, base_width=4, **BROADCAST, **SLOTS)
+    x = torch.rand(2, 1, *(16,) * dims) * 2 - 1
+    out = model(x, noise=torch.randn(2, 3, 4))
+    assert out.mu.shape == out.logvar.shape == (2, 3, 4)
+    assert out.recon.shape == x.shape
+    slots, attn = model.encoder.attend(x)
+    assert slots.shape == (2, 3, 8)
+    assert attn.shape == (2, 3, 8**dims)
+    # the softmax runs over the slots: every token's attention sums to one across them
+    assert torch.allclose(attn.sum(dim=1), torch.ones(1), atol=1e-5)
+    out.recon.pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_slot_heads_are_per_decoder():
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=16, num_decoders=3,
+                         latent_per_decoder=4, base_width=4, **BROADCAST, **SLOTS).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mu, _ = model.encode(x)
+    with torch.no_grad():
+        model.encoder.head_weight[1].add_(1.0)
+    mu2, _ = model.encode(x)
+    assert torch.allclose(mu[:, [0, 2]], mu2[:, [0, 2]], atol=1e-6)
+    assert not torch.allclose(mu[:, 1], mu2[:, 1])
+
+
+def test_slot_encoder_bad_arguments():
+    with pytest.raises(MedgenError, match="encoder must be one of"):
+        create_model("parallel-vae", image_size=16, encoder="transformer")
+    with pytest.raises(MedgenError, match="slot_feature_size"):
+        create_model("parallel-vae", image_size=16, encoder="slots", slot_feature_size=12)
+    with pytest.raises(MedgenError, match="slot_iterations"):
+        create_model("parallel-vae", image_size=16, encoder="slots", slot_iterations=0)
+    with pytest.raises(MedgenError, match="slot_size"):
+        create_model("parallel-vae", image_size=16, encoder="slots", slot_size=0)
+
+
+def test_slot_training_with_warmup_learns():
+    torch.manual_seed(0)
+    x = _tiny_scenes(n=6, size=16)
+    model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=16, num_decoders=3,
+                         latent_per_decoder=8, base_width=4, **BROADCAST, **SLOTS)
+    step = create_step("parallel-vae", likelihood="mixture", sigma=0.2, kl_start=0.0, kl_end=0.01,
+                       individual_multiplier=1.0, individual_exponent=1.0, lr_warmup=10)
+    opt = step.optimizers(model, 3e-3)
+    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
+                      generator=torch.Generator().manual_seed(0), total_iterations=50)
+    losses, rates = [], []
+    for it in range(50):
+        ctx.iteration = it
+        out = step(model, Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64)), opt, ctx)
+        losses.append(float(out["recon"]))
+        rates.append(opt["vae"].param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(3e-4) and rates[4] == pytest.approx(1.5e-3) and rates[-1] == pytest.approx(3e-3)
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    with pytest.raises(MedgenError, match="lr_warmup"):
+        create_step("parallel-vae", lr_warmup=-1)

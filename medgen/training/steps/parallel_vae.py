@@ -97,6 +97,8 @@ class ParallelVAEStep(Step):
         sigma: the fixed per-component standard deviation of the mixture likelihood (images in [-1, 1]).
         beta1: Adam beta1.
         beta2: Adam beta2.
+        lr_warmup: iterations over which the learning rate rises linearly from ~0 to train.lr (0: none);
+            attention encoders are unstable at the full rate from the first step.
     """
 
     kl_start: float = 0.0
@@ -108,6 +110,7 @@ class ParallelVAEStep(Step):
     sigma: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.999
+    lr_warmup: int = 0
 
     def __post_init__(self) -> None:
         what = "steps.parallel-vae"
@@ -115,15 +118,23 @@ class ParallelVAEStep(Step):
             raise MedgenError(f"{what}: likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         if not self.sigma > 0:
             raise MedgenError(f"{what}: sigma must be > 0, got {self.sigma}")
+        if self.lr_warmup < 0:
+            raise MedgenError(f"{what}: lr_warmup must be >= 0, got {self.lr_warmup}")
         if not 0 < self.kl_ramp <= 1:
             raise MedgenError(f"{what}: kl_ramp must be in (0, 1], got {self.kl_ramp}")
 
     def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
-        return {"vae": torch.optim.Adam(model.parameters(), lr=lr, betas=(self.beta1, self.beta2))}
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(self.beta1, self.beta2))
+        for group in opt.param_groups:
+            group["base_lr"] = lr
+        return {"vae": opt}
 
     def __call__(self, model: nn.Module, batch: Batch, opt: dict[str, torch.optim.Optimizer],
                  ctx: StepContext) -> dict[str, torch.Tensor]:
         x = batch.images
+        if self.lr_warmup:
+            for group in opt["vae"].param_groups:
+                group["lr"] = group["base_lr"] * min(1.0, (ctx.iteration + 1) / self.lr_warmup)
         noise = ctx.randn(x.shape[0], model.num_decoders, model.latent_per_decoder, device=x.device)
         with ctx.precision.autocast():
             out = model(x, batch.labels, noise=noise)
