@@ -106,6 +106,7 @@ class DecoderBank(nn.Module):
 DECODERS = ("upsample", "broadcast")
 GROWS = ("conv", "interpolate")
 ENCODERS = ("conv", "slots")
+SLOT_INITS = ("learned", "random")
 
 
 def coordinate_grid(spatial_dims: int, size: int) -> torch.Tensor:
@@ -130,10 +131,13 @@ class BroadcastDecoderBank(nn.Module):
         grow: how a grid smaller than the image reaches image_size: "conv" (x2 nearest upsampling + k3 conv
             stages) or "interpolate" (decode on the grid, then resize the images and logits, linearly; the
             cost of a decoder then stays that of the grid).
+        shared: one set of decoder weights applied to every latent (as in Slot Attention) instead of K
+            independent decoders: each weight learns from all K slots' objects (same cost).
     """
 
     def __init__(self, *, spatial_dims: int, out_channels: int, image_size: int, width: int, num_decoders: int,
-                 latent_per_decoder: int, broadcast_size: int, layers: int, grow: str = "conv") -> None:
+                 latent_per_decoder: int, broadcast_size: int, layers: int, grow: str = "conv",
+                 shared: bool = False) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         ups = math.log2(image_size / broadcast_size) if broadcast_size > 0 else -1
@@ -144,9 +148,10 @@ class BroadcastDecoderBank(nn.Module):
             raise MedgenError(f"{what}: decoder_layers must be >= 1, got {layers}")
         if grow not in GROWS:
             raise MedgenError(f"{what}: broadcast_grow must be one of {', '.join(GROWS)}, got {grow!r}")
-        k, d = num_decoders, spatial_dims
-        self.spatial_dims, self.k, self.out_channels, self.size = d, k, out_channels, broadcast_size
-        self.image_size, self.grow = image_size, grow
+        d = spatial_dims
+        k = 1 if shared else num_decoders  # channel groups of every conv
+        self.spatial_dims, self.k, self.out_channels, self.size = d, num_decoders, out_channels, broadcast_size
+        self.image_size, self.grow, self.shared = image_size, grow, shared
         self.register_buffer("coords", coordinate_grid(d, broadcast_size), persistent=False)  # [D, *G]
         mods: list[nn.Module] = []
         cin = latent_per_decoder + d
@@ -165,9 +170,12 @@ class BroadcastDecoderBank(nn.Module):
         # [B, K, L] -> [B, K, L, *G] (the latent tiled over the grid) ++ coordinates [B, K, D, *G]
         tiled = z.reshape(b, k, latent, *(1,) * self.spatial_dims).expand(b, k, latent, *grid)
         coords = self.coords.to(z.dtype).expand(b, k, *self.coords.shape)
-        h = torch.cat([tiled, coords], dim=2).reshape(b, k * (latent + self.spatial_dims), *grid)
+        h = torch.cat([tiled, coords], dim=2)
+        # shared: [B, K, L+D, *G] -> [B*K, L+D, *G] (one decoder, K times); else [B, K*(L+D), *G] (K groups)
+        h = h.reshape(b * k, latent + self.spatial_dims, *grid) if self.shared else \
+            h.reshape(b, k * (latent + self.spatial_dims), *grid)
         out = self.net(h)
-        if out.shape[-1] != self.image_size:  # grow == "interpolate": resize every decoder's maps [B, K*(C+1), *S]
+        if out.shape[-1] != self.image_size:  # grow == "interpolate": resize every decoder's maps
             mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
             out = nn.functional.interpolate(out, size=(self.image_size,) * self.spatial_dims, mode=mode,
                                             align_corners=False)
@@ -178,7 +186,7 @@ class BroadcastDecoderBank(nn.Module):
 class SlotEncoder(nn.Module):
     """Shared encoder with slot attention (Locatello et al. 2020): images [B, C, *S] -> (mu, logvar) [B, K, L].
 
-    A conv stack maps the image to a `feature_size`^d grid of tokens (plus a learned position embedding of
+    A conv stack (four layers, stride 2 until the grid is reached) maps the image to a `feature_size`^d grid of tokens (plus a learned position embedding of
     coordinate channels); K slots, one learned starting vector per decoder, then take `iterations` rounds of
     attention in which the softmax runs over the slots: slots compete for every token, so each token ends
     up explained by one slot. That competition is what a single global feature vector split into K heads
@@ -193,10 +201,18 @@ class SlotEncoder(nn.Module):
         num_slots: K.
         latent_per_decoder: L.
         iterations: attention rounds.
+        init: "learned" (one learned starting vector per slot: slot k tends to keep a role, e.g. a region) or
+            "random" (every slot starts from one learned Gaussian, mu + sigma * noise, as in Slot Attention: no
+            slot can own a region, so the slots bind to what the image holds). Without noise (inference) the
+            draws are a fixed set stored with the model.
+        detach: back-propagate through the last round only, the earlier rounds' slots passed straight through
+            to the learned starts (implicit differentiation, Chang et al. 2022; with learned starts, BO-QSA,
+            Jia et al. 2023): stabler, cheaper gradients.
     """
 
     def __init__(self, *, spatial_dims: int, in_channels: int, image_size: int, feature_size: int, slot_size: int,
-                 num_slots: int, latent_per_decoder: int, iterations: int) -> None:
+                 num_slots: int, latent_per_decoder: int, iterations: int, init: str = "learned",
+                 detach: bool = False) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         downs = math.log2(image_size / feature_size) if feature_size > 0 else -1
@@ -205,13 +221,17 @@ class SlotEncoder(nn.Module):
                               f"{feature_size} for image_size {image_size}")
         if iterations < 1:
             raise MedgenError(f"{what}: slot_iterations must be >= 1, got {iterations}")
+        if init not in SLOT_INITS:
+            raise MedgenError(f"{what}: slot_init must be one of {', '.join(SLOT_INITS)}, got {init!r}")
         d, dim = spatial_dims, slot_size
         self.spatial_dims, self.k, self.latent, self.iterations, self.scale = d, num_slots, latent_per_decoder, \
             iterations, slot_size**-0.5
+        self.detach, self.init, self.slot_size = detach, init, slot_size
         strides = [2] * int(downs) + [1] * max(4 - int(downs), 0)
-        convs, cin = [], in_channels
+        convs, cin, kernel = [], in_channels, 5 if d == 2 else 3  # k5 as the slot-attention paper in 2D; k5^3 costs 5x k3^3
         for s in strides:
-            convs.append(Convolution(d, cin, dim, strides=s, kernel_size=5, padding=2, act="relu", norm=None))
+            convs.append(Convolution(d, cin, dim, strides=s, kernel_size=kernel, padding=kernel // 2, act="relu",
+                                     norm=None))
             cin = dim
         self.convs = nn.Sequential(*convs)
         grid = coordinate_grid(d, feature_size)
@@ -224,13 +244,40 @@ class SlotEncoder(nn.Module):
         self.norm_slots, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.gru = nn.GRUCell(dim, dim)
         self.slot_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-        self.slots_init = nn.Parameter(torch.randn(num_slots, dim) * dim**-0.5)  # one start per decoder
+        if init == "random":
+            self.slots_mu = nn.Parameter(torch.randn(1, dim) * dim**-0.5)
+            self.slots_log_sigma = nn.Parameter(torch.full((1, dim), math.log(dim**-0.5)))
+            self.register_buffer("inference_noise", torch.randn(num_slots, dim))  # the fixed draws without noise
+        else:
+            self.slots_init = nn.Parameter(torch.randn(num_slots, dim) * dim**-0.5)  # one start per decoder
         # one latent head per slot: weight [K, D, 2L] applied with einsum
         self.head_weight = nn.Parameter(torch.randn(num_slots, dim, 2 * latent_per_decoder) * dim**-0.5 * 0.1)
         self.head_bias = nn.Parameter(torch.zeros(num_slots, 2 * latent_per_decoder))
 
-    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, C, *S] -> (slots [B, K, D], attention of the last round [B, K, N] over the N tokens)."""
+    def round(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One attention round: slots [B, K, D], keys / values [B, N, D] -> (slots, attention [B, K, N])."""
+        q = self.to_q(self.norm_slots(slots))  # [B, K, D]
+        attn = torch.softmax(torch.einsum("bnd,bkd->bkn", keys, q) * self.scale, dim=1)  # softmax over slots
+        share = (attn + 1e-8) / (attn + 1e-8).sum(dim=2, keepdim=True)  # weighted mean over tokens
+        updates = torch.einsum("bkn,bnd->bkd", share, values)
+        # GRUCell takes [B*K, D]
+        slots = self.gru(updates.reshape(-1, updates.shape[-1]), slots.reshape(-1, slots.shape[-1])).view_as(slots)
+        return slots + self.slot_mlp(self.norm_mlp(slots)), attn
+
+    def starts(self, batch: int, noise: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Starting slots [B, K, D]; noise [B, K, D] (random init only; None: the stored inference draws)."""
+        if self.init == "learned":
+            return self.slots_init.to(dtype).expand(batch, -1, -1)
+        eps = self.inference_noise.expand(batch, -1, -1) if noise is None else noise
+        return (self.slots_mu + self.slots_log_sigma.exp() * eps).to(dtype)
+
+    def attend(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, C, *S] -> (slots [B, K, D], attention of the last round [B, K, N] over the N tokens).
+
+        Args:
+            x: images.
+            noise: standard normal [B, K, D] for random starting slots (None: the stored inference draws).
+        """
         b = x.shape[0]
         h = self.convs(x)  # [B, D, *G]
         pos = self.position(self.coords.to(h.dtype).flatten(1).t())  # [N, D]
@@ -238,19 +285,19 @@ class SlotEncoder(nn.Module):
         tokens = self.token_mlp(h.flatten(2).transpose(1, 2) + pos)
         tokens = self.norm_tokens(tokens)
         keys, values = self.to_k(tokens), self.to_v(tokens)  # [B, N, D]
-        slots = self.slots_init.to(h.dtype).expand(b, -1, -1)  # [B, K, D]
-        for _ in range(self.iterations):
-            q = self.to_q(self.norm_slots(slots))  # [B, K, D]
-            attn = torch.softmax(torch.einsum("bnd,bkd->bkn", keys, q) * self.scale, dim=1)  # softmax over slots
-            share = (attn + 1e-8) / (attn + 1e-8).sum(dim=2, keepdim=True)  # weighted mean over tokens
-            updates = torch.einsum("bkn,bnd->bkd", share, values)
-            # GRUCell takes [B*K, D]
-            slots = self.gru(updates.reshape(-1, updates.shape[-1]), slots.reshape(-1, slots.shape[-1])).view_as(slots)
-            slots = slots + self.slot_mlp(self.norm_mlp(slots))
+        init = self.starts(b, noise, h.dtype)  # [B, K, D]
+        slots, rounds = init, self.iterations
+        if self.detach and rounds > 1:
+            with torch.no_grad():
+                for _ in range(rounds - 1):
+                    slots, _ = self.round(slots, keys, values)
+            slots, rounds = slots + init - init.detach(), 1  # value of the rounds so far, gradient to the starts
+        for _ in range(rounds):
+            slots, attn = self.round(slots, keys, values)
         return slots, attn
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        slots, _ = self.attend(x)
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        slots, _ = self.attend(x, noise)
         stats = torch.einsum("bkd,kdf->bkf", slots, self.head_weight.to(slots.dtype)) + self.head_bias  # [B, K, 2L]
         return stats[..., : self.latent], stats[..., self.latent :]
 
@@ -281,6 +328,9 @@ class ParallelVAE(nn.Module):
         slot_size: channels of the slot encoder's conv stack, tokens and slots.
         slot_feature_size: edge of the slot encoder's token grid (0: image_size / 2, at most 32).
         slot_iterations: attention rounds of the slot encoder.
+        slot_init: "learned" (one start per slot) or "random" (one learned Gaussian for all slots).
+        slot_detach: gradients through the slot encoder's last round only (straight through to the starts).
+        decoder_shared: broadcast decoders share one set of weights (each slot still has its own latent head).
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
@@ -288,7 +338,8 @@ class ParallelVAE(nn.Module):
                  upsample: str = "nearest", decoder: str = "upsample", decoder_width: int = 0,
                  decoder_layers: int = 4, broadcast_size: int = 0, broadcast_grow: str = "conv",
                  encoder: str = "conv", slot_size: int = 64, slot_feature_size: int = 0,
-                 slot_iterations: int = 3) -> None:
+                 slot_iterations: int = 3, slot_init: str = "learned", slot_detach: bool = False,
+                 decoder_shared: bool = False) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         if spatial_dims not in (2, 3):
@@ -314,7 +365,8 @@ class ParallelVAE(nn.Module):
             self.encoder: nn.Module = SlotEncoder(
                 spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
                 feature_size=slot_feature_size or min(image_size // 2, 32), slot_size=slot_size,
-                num_slots=num_decoders, latent_per_decoder=latent_per_decoder, iterations=slot_iterations)
+                num_slots=num_decoders, latent_per_decoder=latent_per_decoder, iterations=slot_iterations,
+                init=slot_init, detach=slot_detach)
         else:
             self.encoder = DownTrunk(spatial_dims=spatial_dims, in_channels=in_channels, image_size=image_size,
                                      base_width=base_width, norm=norm)
@@ -326,16 +378,23 @@ class ParallelVAE(nn.Module):
                 spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
                 width=decoder_width or 2 * base_width, num_decoders=num_decoders,
                 latent_per_decoder=latent_per_decoder, broadcast_size=broadcast_size or image_size,
-                layers=decoder_layers, grow=broadcast_grow)
+                layers=decoder_layers, grow=broadcast_grow, shared=decoder_shared)
         else:
             self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
                                         base_width=base_width, num_decoders=num_decoders,
                                         latent_per_decoder=latent_per_decoder, upsample=upsample)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, C, *S] -> (mu, logvar), each [B, K, L]."""
+    @property
+    def slot_noise_shape(self) -> tuple[int, int] | None:
+        """(K, D) of the noise random starting slots take per image; None when the encoder takes none."""
+        if self.encoder_kind == "slots" and self.encoder.init == "random":
+            return self.num_decoders, self.encoder.slot_size
+        return None
+
+    def encode(self, x: torch.Tensor, slot_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, C, *S] (and slot_noise [B, K, D] for random starting slots) -> (mu, logvar), each [B, K, L]."""
         if self.encoder_kind == "slots":
-            mu, logvar = self.encoder(x)
+            mu, logvar = self.encoder(x, slot_noise)
             return mu, logvar.clamp(-12.0, 8.0)
         h = self.encoder(x).flatten(1)
         # [B, K * 2 * L] -> [B, K, 2, L]
@@ -352,15 +411,17 @@ class ParallelVAE(nn.Module):
         return recon, images, logits, weights
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> ParallelVAEOutput:
+                noise: torch.Tensor | None = None, slot_noise: torch.Tensor | None = None) -> ParallelVAEOutput:
         """Encode, draw z = mu + sigma * noise (z = mu when noise is None), decode.
 
         Args:
             x: images [B, C, *S] in [-1, 1].
             labels: ignored (unconditional model; accepted for the uniform interface).
             noise: standard normal [B, K, L] or [B, K*L] for the reparameterisation; None decodes the mean.
+            slot_noise: standard normal [B, K, D] for random starting slots (`slot_noise_shape`); None: the
+                model's stored draws (deterministic inference).
         """
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, slot_noise)
         z = mu if noise is None else mu + torch.exp(0.5 * logvar) * noise.view_as(mu)
         recon, images, logits, weights = self.decode(z)
         return ParallelVAEOutput(recon=recon, images=images, logits=logits, weights=weights, mu=mu, logvar=logvar)

@@ -136,8 +136,10 @@ class ParallelVAEStep(Step):
             for group in opt["vae"].param_groups:
                 group["lr"] = group["base_lr"] * min(1.0, (ctx.iteration + 1) / self.lr_warmup)
         noise = ctx.randn(x.shape[0], model.num_decoders, model.latent_per_decoder, device=x.device)
+        shape = model.slot_noise_shape
+        slot_noise = None if shape is None else ctx.randn(x.shape[0], *shape, device=x.device)
         with ctx.precision.autocast():
-            out = model(x, batch.labels, noise=noise)
+            out = model(x, batch.labels, noise=noise, slot_noise=slot_noise)
         if self.likelihood == "mixture":
             recon = mixture_nll(x.float(), out.images.float(), out.logits.float(), self.sigma)
         else:
