@@ -109,6 +109,12 @@ ENCODERS = ("conv", "slots")
 SLOT_INITS = ("learned", "random")
 
 
+def halvings(image_size: int, size: int) -> int | None:
+    """j with size == image_size / 2**j (j >= 0), or None when there is none."""
+    j = math.log2(image_size / size) if size > 0 else -1
+    return int(j) if j >= 0 and j == int(j) else None
+
+
 def coordinate_grid(spatial_dims: int, size: int) -> torch.Tensor:
     """Coordinate channels [D, size, ...] with values in [-1, 1] (channel i varies along axis i)."""
     axes = torch.linspace(-1.0, 1.0, size)
@@ -140,8 +146,8 @@ class BroadcastDecoderBank(nn.Module):
                  shared: bool = False) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
-        ups = math.log2(image_size / broadcast_size) if broadcast_size > 0 else -1
-        if broadcast_size < 4 or ups < 0 or ups != int(ups):
+        ups = halvings(image_size, broadcast_size)
+        if broadcast_size < 4 or ups is None:
             raise MedgenError(f"{what}: broadcast_size must be image_size / 2**j and >= 4, got {broadcast_size} "
                               f"for image_size {image_size}")
         if layers < 1:
@@ -158,7 +164,7 @@ class BroadcastDecoderBank(nn.Module):
         for _ in range(layers):
             mods.append(Convolution(d, k * cin, k * width, kernel_size=3, padding=1, groups=k, act="relu", norm=None))
             cin = width
-        for _ in range(int(ups) if grow == "conv" else 0):
+        for _ in range(ups if grow == "conv" else 0):
             mods += [nn.Upsample(scale_factor=2, mode="nearest"),
                      Convolution(d, k * width, k * width, kernel_size=3, padding=1, groups=k, act="relu", norm=None)]
         mods.append(Convolution(d, k * width, k * out_channels, kernel_size=1, padding=0, groups=k, conv_only=True))
@@ -186,9 +192,9 @@ class BroadcastDecoderBank(nn.Module):
 class SlotEncoder(nn.Module):
     """Shared encoder with slot attention (Locatello et al. 2020): images [B, C, *S] -> (mu, logvar) [B, K, L].
 
-    A conv stack (four layers, stride 2 until the grid is reached) maps the image to a `feature_size`^d grid of tokens (plus a learned position embedding of
-    coordinate channels); K slots, one learned starting vector per decoder, then take `iterations` rounds of
-    attention in which the softmax runs over the slots: slots compete for every token, so each token ends
+    A conv stack (four layers, stride 2 until the grid is reached) maps the image to a `feature_size`^d grid
+    of tokens (plus a learned position embedding of coordinate channels); K slots (see `init` for where they
+    start) then take `iterations` rounds of attention in which the softmax runs over the slots: slots compete for every token, so each token ends
     up explained by one slot. That competition is what a single global feature vector split into K heads
     lacks. Each slot then has its own latent head (mu_k, logvar_k), as in the conv encoder.
 
@@ -215,8 +221,8 @@ class SlotEncoder(nn.Module):
                  detach: bool = False) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
-        downs = math.log2(image_size / feature_size) if feature_size > 0 else -1
-        if feature_size < 4 or downs < 0 or downs != int(downs) or downs > 4:
+        downs = halvings(image_size, feature_size)
+        if feature_size < 4 or downs is None or downs > 4:
             raise MedgenError(f"{what}: slot_feature_size must be image_size / 2**j (j <= 4) and >= 4, got "
                               f"{feature_size} for image_size {image_size}")
         if iterations < 1:
@@ -224,10 +230,9 @@ class SlotEncoder(nn.Module):
         if init not in SLOT_INITS:
             raise MedgenError(f"{what}: slot_init must be one of {', '.join(SLOT_INITS)}, got {init!r}")
         d, dim = spatial_dims, slot_size
-        self.spatial_dims, self.k, self.latent, self.iterations, self.scale = d, num_slots, latent_per_decoder, \
-            iterations, slot_size**-0.5
+        self.latent, self.iterations, self.scale = latent_per_decoder, iterations, slot_size**-0.5
         self.detach, self.init, self.slot_size = detach, init, slot_size
-        strides = [2] * int(downs) + [1] * max(4 - int(downs), 0)
+        strides = [2] * downs + [1] * (4 - downs)
         convs, cin, kernel = [], in_channels, 5 if d == 2 else 3  # k5 as the slot-attention paper in 2D; k5^3 costs 5x k3^3
         for s in strides:
             convs.append(Convolution(d, cin, dim, strides=s, kernel_size=kernel, padding=kernel // 2, act="relu",

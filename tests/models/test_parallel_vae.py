@@ -81,21 +81,29 @@ def _tiny_scenes(n=8, size=32):
     return torch.stack(imgs)
 
 
+def _run_steps(model, step, x, *, lr, iterations):
+    """Train on x for `iterations` steps (fp32, seeded); per step: the step's outputs as floats, and the lr."""
+    opt = step.optimizers(model, lr)
+    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
+                      generator=torch.Generator().manual_seed(0), total_iterations=iterations)
+    batch = Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64))
+    history = []
+    for it in range(iterations):
+        ctx.iteration = it
+        out = step(model, batch, opt, ctx)
+        history.append({**{k: float(v) for k, v in out.items()}, "lr": opt["vae"].param_groups[0]["lr"]})
+    return history
+
+
 def test_short_training_run_loss_decreases():
     torch.manual_seed(0)
     x = _tiny_scenes(n=6)
     model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=32, num_decoders=3,
                          latent_per_decoder=8, base_width=4)
     step = create_step("parallel-vae", kl_start=0.0, kl_end=0.01)
-    opt = step.optimizers(model, 2e-3)
-    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
-                      generator=torch.Generator().manual_seed(0), total_iterations=30)
-    losses = []
-    for it in range(30):
-        ctx.iteration = it
-        out = step(model, Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64)), opt, ctx)
-        assert set(out) >= {"loss", "recon", "kl", "kl_term"}
-        losses.append(float(out["loss"]))
+    history = _run_steps(model, step, x, lr=2e-3, iterations=30)
+    assert all(set(h) >= {"loss", "recon", "kl", "kl_term"} for h in history)
+    losses = [h["loss"] for h in history]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
@@ -191,14 +199,7 @@ def test_mixture_training_with_broadcast_decoders_learns():
                          latent_per_decoder=8, base_width=4, decoder="broadcast", decoder_width=8, decoder_layers=2)
     step = create_step("parallel-vae", likelihood="mixture", sigma=0.2, kl_start=0.0, kl_end=0.01,
                        individual_multiplier=1.0, individual_exponent=1.0)
-    opt = step.optimizers(model, 3e-3)
-    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
-                      generator=torch.Generator().manual_seed(0), total_iterations=40)
-    losses = []
-    for it in range(40):
-        ctx.iteration = it
-        out = step(model, Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64)), opt, ctx)
-        losses.append(float(out["recon"]))
+    losses = [h["recon"] for h in _run_steps(model, step, x, lr=3e-3, iterations=40)]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
@@ -288,15 +289,8 @@ def test_slot_training_with_warmup_learns():
                          latent_per_decoder=8, base_width=4, **BROADCAST, **SLOTS)
     step = create_step("parallel-vae", likelihood="mixture", sigma=0.2, kl_start=0.0, kl_end=0.01,
                        individual_multiplier=1.0, individual_exponent=1.0, lr_warmup=10)
-    opt = step.optimizers(model, 3e-3)
-    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
-                      generator=torch.Generator().manual_seed(0), total_iterations=50)
-    losses, rates = [], []
-    for it in range(50):
-        ctx.iteration = it
-        out = step(model, Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64)), opt, ctx)
-        losses.append(float(out["recon"]))
-        rates.append(opt["vae"].param_groups[0]["lr"])
+    history = _run_steps(model, step, x, lr=3e-3, iterations=50)
+    losses, rates = [h["recon"] for h in history], [h["lr"] for h in history]
     assert rates[0] == pytest.approx(3e-4) and rates[4] == pytest.approx(1.5e-3) and rates[-1] == pytest.approx(3e-3)
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
@@ -352,12 +346,6 @@ def test_training_with_random_slots_and_a_shared_decoder_learns():
                          decoder_shared=True)
     step = create_step("parallel-vae", kl_start=0.0, kl_end=0.001, individual_multiplier=1.0,
                        individual_exponent=1.0, lr_warmup=5)
-    opt = step.optimizers(model, 3e-3)
-    ctx = StepContext(precision=resolve_precision("fp32", torch.device("cpu")),
-                      generator=torch.Generator().manual_seed(0), total_iterations=50)
-    losses = []
-    for it in range(50):
-        ctx.iteration = it
-        losses.append(float(step(model, Batch(images=x, labels=torch.zeros(len(x), dtype=torch.int64)), opt, ctx)["recon"]))
+    losses = [h["recon"] for h in _run_steps(model, step, x, lr=3e-3, iterations=50)]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])  # MSE: 0.13 -> 0.08 in 50 steps
