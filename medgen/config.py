@@ -163,6 +163,10 @@ class CVConfig:
     permuted: bool = True
     linear_baseline: bool = True
     extra_test: int = _f(0, ge=0)
+    # Folds run at once in this many local processes, the machine's torch threads split between them (results do
+    # not depend on it beyond floating-point rounding: every fold and arm seeds itself). 2 on a 2-core CPU: small
+    # 3D convs use two threads at ~1.4x the speed of one, so two single-thread folds do more work per second.
+    workers: int = _f(1, ge=1)
 
 
 @dataclass

@@ -38,6 +38,12 @@ def interactive() -> bool:
     return bool(console.is_terminal or console.is_jupyter)
 
 
+def plain_lines() -> None:
+    """Print plain progress lines instead of live bars in this process (worker processes sharing a terminal)."""
+    global console
+    console = Console(stderr=True, force_terminal=False, force_jupyter=False)
+
+
 def log(message: str) -> None:
     """Write one progress/log line to stderr (not wrapped at 80 columns when stderr is not a terminal)."""
     if not quiet():

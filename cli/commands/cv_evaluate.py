@@ -42,6 +42,11 @@ def cv_evaluate(
     folds: Annotated[int | None, typer.Option("--folds", min=2, help="Cross-validation folds.",
                                               show_default=cli.config_default("cv.folds"))] = None,
     seed: cli.SeedOpt = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Folds run at once in this many local processes, "
+                                 "sharing the machine's threads (2 on a 2-core CPU).",
+                                 show_default=cli.config_default("cv.workers"))
+    ] = None,
     fold: Annotated[
         int | None, typer.Option("--fold", min=0, help="Run only this fold (0-based); jobs share --out, then merge.",
                                  show_default="all folds")
@@ -91,7 +96,7 @@ def cv_evaluate(
         check_launcher(launcher)
     cfg = cli.load_config(config)
     cli.override_data(cfg, data=data, image_column=image_column, label_column=label_column, group_column=group_column,
-                  seed=seed, device=device, cv__folds=folds, train__tensorboard=tensorboard)
+                  seed=seed, device=device, cv__folds=folds, cv__workers=workers, train__tensorboard=tensorboard)
     if cfg.train.tensorboard:
         require_tensorboard()
     if models is not None:

@@ -1,4 +1,4 @@
-"""Classical augmentation (translate by whole voxels, rotate in the axial plane), defined in millimetres.
+"""Classical augmentation (translate, rotate in the axial plane), defined in millimetres.
 
 A random draw (AugmentDraw, from a seeded generator) followed by a deterministic transform of the image,
 so a batch is augmented the same way on any device and in any number of workers.
@@ -17,9 +17,10 @@ import torch
 
 @dataclass
 class AugmentDraw:
-    """Parameters drawn for one image: integer voxel shifts per axis and an in-plane angle (radians)."""
+    """Parameters drawn for one image: shifts per axis in voxels (fractional on grids coarser than the study's
+    3 mm) and an in-plane angle (radians)."""
 
-    shift: tuple[int, ...]
+    shift: tuple[float, ...]
     angle: float
 
     @property
@@ -31,19 +32,21 @@ class AugmentDraw:
 class ClassicalAugmentation:
     """The reference study's augmentation: random translation and axial-plane rotation.
 
-    With probability p_translate the image is shifted; then each axis independently (probability p_axis) by a
-    whole number of voxels in a random direction, the number drawn uniformly from those that span
-    min_shift_mm..max_shift_mm on a grid of spacing_mm voxels (the study's 1-4 voxels at 3 mm: 3-12 mm; the same
-    millimetres are 1-2 voxels at 6 mm and 3-12 voxels at 1 mm), so the augmentation means the same on every grid. With probability p_rotate it is rotated by an angle
+    With probability p_translate the image is shifted; then each axis independently (probability p_axis) in a
+    random direction by a distance drawn uniformly from min_shift_mm, min_shift_mm + step_mm, ..., max_shift_mm
+    (the study's 1-4 voxels of 3 mm: 3, 6, 9 or 12 mm), converted to voxels of spacing_mm: whole voxels at 3 mm
+    (and 1 mm: 3-12 voxels), half voxels at 6 mm (0.5-2), so the augmentation moves anatomy by the same
+    millimetres on every grid. With probability p_rotate it is rotated by an angle
     uniform in +-max_degrees in the axial plane (axes 0-1, R-A, of a RAS volume; the image plane in 2D).
-    Parameters are drawn from a torch.Generator, then applied by a deterministic MONAI Affine (one resampling,
-    border padding so the background stays background; an integer shift alone is exact).
+    Parameters are drawn from a torch.Generator, then applied by a deterministic MONAI Affine (one trilinear
+    resampling, border padding so the background stays background; a whole-voxel shift alone is exact).
 
     Args:
         spatial_dims: 2 or 3.
         p_translate: probability of translating an image.
         p_axis: probability of shifting along each axis, given a translation.
         min_shift_mm, max_shift_mm: shift size range in millimetres.
+        step_mm: spacing of the shift sizes in millimetres (the study's voxel size).
         spacing_mm: voxel size of the images (the training grid's).
         p_rotate: probability of rotating an image.
         max_degrees: largest rotation angle.
@@ -54,24 +57,26 @@ class ClassicalAugmentation:
     p_axis: float = 0.66
     min_shift_mm: float = 3.0
     max_shift_mm: float = 12.0
+    step_mm: float = 3.0
     spacing_mm: float = 3.0
     p_rotate: float = 0.90
     max_degrees: float = 6.0
 
     def __post_init__(self) -> None:
-        if not (0 < self.min_shift_mm <= self.max_shift_mm and self.spacing_mm > 0):
-            raise ValueError(f"augmentation needs 0 < min_shift_mm <= max_shift_mm and spacing_mm > 0, got "
-                             f"{self.min_shift_mm}, {self.max_shift_mm}, {self.spacing_mm}")
+        if not (0 < self.min_shift_mm <= self.max_shift_mm and self.spacing_mm > 0 and self.step_mm > 0):
+            raise ValueError(f"augmentation needs 0 < min_shift_mm <= max_shift_mm and spacing_mm, step_mm > 0, got "
+                             f"{self.min_shift_mm}, {self.max_shift_mm}, {self.spacing_mm}, {self.step_mm}")
 
     @property
-    def min_shift(self) -> int:
-        """Smallest shift in voxels (at least 1)."""
-        return max(1, round(self.min_shift_mm / self.spacing_mm))
+    def shift_sizes_mm(self) -> tuple[float, ...]:
+        """The shift distances drawn from, in millimetres (3, 6, 9, 12 by default)."""
+        n = int((self.max_shift_mm - self.min_shift_mm) / self.step_mm + 1e-9) + 1
+        return tuple(self.min_shift_mm + i * self.step_mm for i in range(n))
 
     @property
-    def max_shift(self) -> int:
-        """Largest shift in voxels (at least min_shift)."""
-        return max(self.min_shift, round(self.max_shift_mm / self.spacing_mm))
+    def shift_sizes(self) -> tuple[float, ...]:
+        """The shift distances in voxels of spacing_mm (fractional on grids coarser than step_mm)."""
+        return tuple(mm / self.spacing_mm for mm in self.shift_sizes_mm)
 
     def draw(self, generator: torch.Generator) -> AugmentDraw:
         """Draw one image's parameters (always the same number of random numbers, so streams stay aligned)."""
@@ -79,12 +84,12 @@ class ClassicalAugmentation:
         u = torch.rand(3 + 3 * d, generator=generator, device=generator.device).tolist()
         translate, rotate, angle_u = u[0], u[1], u[2]
         axis_u, size_u, sign_u = u[3:3 + d], u[3 + d:3 + 2 * d], u[3 + 2 * d:3 + 3 * d]
-        shift = [0] * d
+        shift = [0.0] * d
         if translate < self.p_translate:
-            n_sizes = self.max_shift - self.min_shift + 1
+            sizes = self.shift_sizes
             for a in range(d):
                 if axis_u[a] < self.p_axis:
-                    magnitude = self.min_shift + min(int(size_u[a] * n_sizes), n_sizes - 1)
+                    magnitude = sizes[min(int(size_u[a] * len(sizes)), len(sizes) - 1)]
                     shift[a] = magnitude if sign_u[a] < 0.5 else -magnitude
         angle = 0.0
         if rotate < self.p_rotate:

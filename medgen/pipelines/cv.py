@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from torch import nn
 
 from medgen.checkpoint import model_from_checkpoint
 from medgen.config import Config, TrainConfig
-from medgen.console import log
+from medgen.console import log, plain_lines
 from medgen.data import default_cache_dir, load_config_data, load_dataset, subjects_per_class
 from medgen.data.augmentation import TrainingAugmentation
 from medgen.data.datalist import subject_labels
@@ -606,6 +607,7 @@ def _config_fingerprint(cfg: Config) -> dict[str, Any]:
     d = cfg.to_dict()
     d.pop("device", None)
     d.pop("launcher", None)
+    d["cv"].pop("workers", None)
     for key in ("progress_every", "tensorboard"):
         d["train"].pop(key, None)
     return d
@@ -784,6 +786,39 @@ def run_fold(cfg: Config, out: Path, data: ImageSet, splits: Splits, fold: int, 
     return fold_result
 
 
+def _fold_worker(threads: int) -> None:
+    """Initialiser of a fold worker process: its share of the machine's torch threads, plain log lines (two
+    live progress bars would fight over one terminal)."""
+    torch.set_num_threads(threads)
+    plain_lines()
+
+
+def run_folds_in_parallel(cfg: Config, out: Path, data: ImageSet, splits: Splits, folds: list[int],
+                          device: torch.device, resume: bool, extra: ExtraSubjects) -> None:
+    """Run `folds` in cfg.cv.workers local processes, the parent's torch threads split between them.
+
+    The data travel to the workers through shared memory (torch.multiprocessing), so nothing is loaded twice; a
+    worker's error (a MedgenError too) is raised here once the running folds have stopped.
+    """
+    workers = min(cfg.cv.workers, len(folds))
+    threads = max(1, torch.get_num_threads() // workers)
+    log(f"folds {', '.join(str(k + 1) for k in folds)} of {cfg.cv.folds}: {workers} worker processes, "
+        f"{threads} thread(s) each")
+    context = torch.multiprocessing.get_context("spawn")  # fork is unsafe once torch has started its threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_fold_worker,
+                             initargs=(threads,)) as pool:
+        jobs = {pool.submit(run_fold, cfg, out, data, splits, k, device, resume, extra): k for k in folds}
+        try:
+            for job in as_completed(jobs):
+                job.result()  # re-raises the worker's error
+                log(f"fold {jobs[job]}: finished")
+        except BaseException:
+            # Folds not started are dropped; a running one finishes its current work (its arms are kept for
+            # --resume) before the error surfaces.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def finished_folds(out: Path, folds: int) -> list[int]:
     return [k for k in range(folds) if (out / f"fold_{k}" / "fold.json").is_file()]
 
@@ -878,13 +913,17 @@ def run_cv(cfg: Config, out: str | Path, *, data: ImageSet | str | Path | None =
     if prepare_only:
         return None
     todo = [fold] if fold is not None else list(range(cfg.cv.folds))
-    for k in todo:
-        if (out / f"fold_{k}" / "fold.json").is_file():
-            if resume or fold is not None:
+    if resume or fold is not None:
+        for k in finished_folds(out, cfg.cv.folds):
+            if k in todo:
                 log(f"fold {k}: finished earlier, skipped")
-                continue
-        log(f"fold {k + 1}/{cfg.cv.folds}")
-        run_fold(cfg, out, images, splits, k, device, resume, extra)
+                todo.remove(k)
+    if cfg.cv.workers > 1 and len(todo) > 1:
+        run_folds_in_parallel(cfg, out, images, splits, todo, device, resume, extra)
+    else:
+        for k in todo:
+            log(f"fold {k + 1}/{cfg.cv.folds}")
+            run_fold(cfg, out, images, splits, k, device, resume, extra)
     if not merge_when_done:
         return None
     if len(finished_folds(out, cfg.cv.folds)) == cfg.cv.folds:

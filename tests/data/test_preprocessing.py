@@ -201,8 +201,8 @@ def test_augmentation_draw_probabilities():
     assert np.all(np.abs(per_axis - 0.95 * 0.66) < 0.03)
     assert abs(rotated - 0.90) < 0.02
     shifts = np.array([abs(s) for d in draws for s in d.shift if s])
-    assert set(shifts.tolist()) == {1, 2, 3, 4}
-    assert np.all(np.abs([np.bincount(shifts)[1:] / len(shifts) - 0.25]) < 0.03)
+    assert set(shifts.tolist()) == {1, 2, 3, 4}  # whole voxels on the study's 3 mm grid
+    assert np.all(np.abs([np.bincount(shifts.astype(int))[1:] / len(shifts) - 0.25]) < 0.03)
     angles = np.degrees([d.angle for d in draws if d.angle])
     assert angles.min() >= -6.0 and angles.max() <= 6.0 and angles.min() < -5.5 and angles.max() > 5.5
 
@@ -258,13 +258,18 @@ def test_augment_batch_on_cuda_matches_cpu():
 def test_augmentation_shifts_are_millimetres_on_every_grid():
     from medgen.data.augmentation import ClassicalAugmentation, TrainingAugmentation
 
-    assert (ClassicalAugmentation(spacing_mm=3.0).min_shift, ClassicalAugmentation(spacing_mm=3.0).max_shift) == (1, 4)
-    assert (ClassicalAugmentation(spacing_mm=6.0).min_shift, ClassicalAugmentation(spacing_mm=6.0).max_shift) == (1, 2)
-    assert (ClassicalAugmentation(spacing_mm=1.0).min_shift, ClassicalAugmentation(spacing_mm=1.0).max_shift) == (3, 12)
-    aug = ClassicalAugmentation(spacing_mm=6.0)
-    g = torch.Generator().manual_seed(0)
-    mm = {6.0 * abs(s) for _ in range(300) for s in aug.draw(g).shift if s}
-    assert mm == {6.0, 12.0}  # never beyond the study's 12 mm
+    assert ClassicalAugmentation(spacing_mm=3.0).shift_sizes == (1, 2, 3, 4)
+    assert ClassicalAugmentation(spacing_mm=6.0).shift_sizes == (0.5, 1, 1.5, 2)
+    assert ClassicalAugmentation(spacing_mm=1.0).shift_sizes == (3, 6, 9, 12)
+    for spacing in (1.0, 6.0):
+        aug = ClassicalAugmentation(spacing_mm=spacing)
+        g = torch.Generator().manual_seed(0)
+        mm = {spacing * abs(s) for _ in range(300) for s in aug.draw(g).shift if s}
+        assert mm == {3.0, 6.0, 9.0, 12.0}  # the study's distances on any grid
+    # half a voxel moves an edge by half a voxel: interpolated between the neighbours
+    ramp = torch.arange(16.0).view(1, 16, 1, 1).expand(1, 16, 16, 16).contiguous()
+    half = ClassicalAugmentation(spacing_mm=6.0).apply(ramp, AugmentDraw(shift=(0.5, 0.0, 0.0), angle=0.0))
+    torch.testing.assert_close(half[:, 2:14], ramp[:, 2:14] + 0.5, atol=1e-4, rtol=0)
     from medgen.training.steps import Batch
 
     hook = TrainingAugmentation(spacing_mm=6.0)

@@ -34,6 +34,30 @@ def test_local_fold_jobs_equal_a_single_process_run(tmp_path):
     assert len(logs) == 2  # one submitit job per fold, its log kept in the run folder
 
 
+def test_fold_worker_processes_equal_a_single_process_run(tmp_path):
+    data = tiny_data()
+    cfg = tiny_config()
+    single = run_cv(cfg, tmp_path / "single", data=data)
+    cfg.cv.workers = 2  # one thread each under the one_thread fixture, as the single run
+    parallel = run_cv(cfg, tmp_path / "parallel", data=data)
+    arms = [a["arm"] for a in single["arms"]]
+    assert [a["arm"] for a in parallel["arms"]] == arms
+    assert _arm_predictions(tmp_path / "single", 2, arms) == _arm_predictions(tmp_path / "parallel", 2, arms)
+    # the worker count is not part of the run's identity: a finished run resumes with another
+    cfg.cv.workers = 1
+    assert run_cv(cfg, tmp_path / "parallel", data=data, resume=True)["arms"] == parallel["arms"]
+
+
+def test_a_failing_fold_worker_is_one_clear_error(tmp_path):
+    data = tiny_data()
+    cfg = tiny_config()
+    cfg.cv.workers = 2
+    cfg.classifier.name = "nonet"  # every fold's first classifier fails to build, in the workers
+    with pytest.raises(MedgenError, match="nonet"):
+        run_cv(cfg, tmp_path / "run", data=data)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 class _InProcessJob:
     def __init__(self, job_id, fn, args, fail):
         self.job_id, self._fn, self._args, self._fail = job_id, fn, args, fail
