@@ -28,4 +28,5 @@ def test_null_cohort_has_no_significant_arm(tmp_path):
     keys = {a["arm"] for a in results["arms"]}
     assert {"oracle_f50", "vae_f50", "permuted_f50", "real_aug", "curve_50"} <= keys
     claims = [a["test_vs_real"]["p_holm"] for a in results["arms"] if "p_holm" in (a.get("test_vs_real") or {})]
+    print(f"null cohort Holm p-values, smallest first: {sorted(claims)}")
     assert claims and all(not math.isnan(p) and p >= 0.05 for p in claims), claims
