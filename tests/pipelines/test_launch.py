@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from test_cv import tiny_config, tiny_data
 
 from medgen.errors import MedgenError
@@ -17,32 +18,43 @@ def _arm_predictions(out, folds, arms):
             for f in range(folds) for a in arms}
 
 
-def test_local_fold_jobs_equal_a_single_process_run(tmp_path):
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The one-process reference run the launch paths are compared with: (run folder, results)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as under one_thread, which is function-scoped
+    out = tmp_path_factory.mktemp("single")
+    try:
+        return out, run_cv(tiny_config(), out, data=tiny_data())
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_local_fold_jobs_equal_a_single_process_run(tmp_path, single_run):
     pytest.importorskip("submitit")
-    data = tiny_data()
+    single_out, single = single_run
     cfg = tiny_config()
     cfg.launcher.cpus_per_task = 1
-    single = run_cv(cfg, tmp_path / "single", data=data)
-    jobs = launch.run_cv_jobs(cfg, tmp_path / "jobs", launcher="local", data=data)
+    jobs = launch.run_cv_jobs(cfg, tmp_path / "jobs", launcher="local", data=tiny_data())
     arms = [a["arm"] for a in single["arms"]]
     assert [a["arm"] for a in jobs["arms"]] == arms
     for x, y in zip(single["arms"], jobs["arms"], strict=True):
         for key in ("val_accuracy", "test_accuracy", "test_balanced_accuracy", "test_macro_auc"):
             assert x[key] == y[key], (x["arm"], key)
-    assert _arm_predictions(tmp_path / "single", 2, arms) == _arm_predictions(tmp_path / "jobs", 2, arms)
+    assert _arm_predictions(single_out, 2, arms) == _arm_predictions(tmp_path / "jobs", 2, arms)
     logs = list((tmp_path / "jobs" / "jobs").rglob("*_log.out"))
     assert len(logs) == 2  # one submitit job per fold, its log kept in the run folder
 
 
-def test_fold_worker_processes_equal_a_single_process_run(tmp_path):
+def test_fold_worker_processes_equal_a_single_process_run(tmp_path, single_run):
+    single_out, single = single_run
     data = tiny_data()
     cfg = tiny_config()
-    single = run_cv(cfg, tmp_path / "single", data=data)
     cfg.cv.workers = 2  # one thread each under the one_thread fixture, as the single run
     parallel = run_cv(cfg, tmp_path / "parallel", data=data)
     arms = [a["arm"] for a in single["arms"]]
     assert [a["arm"] for a in parallel["arms"]] == arms
-    assert _arm_predictions(tmp_path / "single", 2, arms) == _arm_predictions(tmp_path / "parallel", 2, arms)
+    assert _arm_predictions(single_out, 2, arms) == _arm_predictions(tmp_path / "parallel", 2, arms)
     # the worker count is not part of the run's identity: a finished run resumes with another
     cfg.cv.workers = 1
     assert run_cv(cfg, tmp_path / "parallel", data=data, resume=True)["arms"] == parallel["arms"]
