@@ -31,6 +31,7 @@ PRECISION_NAMES = ("auto", "fp32", "tf32", "bf16", "fp16")
 IMAGE_SIZES = (16, 32, 64, 128, 256)  # 4 * 2**n: the encoder/decoder trunks halve/double to 4 voxels
 MAX_SEED = 2**32 - 1
 YAML_NODE_BUDGET = 100_000  # nodes of a config after alias expansion; real configs have a few hundred
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # a float in exponent notation
 
 
 def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
@@ -127,7 +128,7 @@ class ClassifierConfig:
     weight_decay: float = _f(1e-4, ge=0.0)
     dropout: float = _f(0.0, ge=0.0, lt=1.0)
     label_smoothing: float = _f(0.0, ge=0.0, lt=1.0)
-    norm: Literal["batch", "instance"] = "batch"  # plain backbone only
+    norm: Literal["batch", "instance", "layer", "none"] = "batch"  # plain backbone only
     standardize: bool = False  # add a voxelwise-standardised input channel (training-set statistics)
     coords: bool = False  # add coordinate channels (CoordConv): convolutions know where they are
     ema_decay: float = _f(0.0, ge=0.0, lt=1.0)  # exponential moving average of the weights (validated and kept); 0: off
@@ -240,6 +241,8 @@ def _check_value(value: Any, tp: Any, where: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, source)
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 4e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MedgenError(f"{source}: {where} must be a number, got {value!r}")
         return float(value)

@@ -18,6 +18,16 @@ def test_unknown_key_suggests(tmp_path):
         load_config(p)
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 4e-3 as the string "4e-3"; a config means the number.
+    p = tmp_path / "c.yaml"
+    p.write_text("classifier:\n  lr: 4e-3\ntrain:\n  lr: 1E-4\n")
+    cfg = load_config(p)
+    assert cfg.classifier.lr == pytest.approx(0.004) and cfg.train.lr == pytest.approx(1e-4)
+    with pytest.raises(MedgenError, match="classifier.lr must be a number"):
+        config_from_dict({"classifier": {"lr": "4e-3x"}})
+
+
 def test_mistyped_value():
     with pytest.raises(MedgenError, match="train.batch_size must be an integer"):
         config_from_dict({"train": {"batch_size": "four"}})

@@ -5,8 +5,9 @@ per-class recall (test), summed confusion matrices, the fold ensemble on the tes
 models' probabilities), and the paired difference in balanced accuracy to "real only" with the corrected
 resampled t-test (Nadeau & Bengio) and its 95 % interval. The correction's n_test / n_train is the
 cross-validation's validation / training ratio for both roles: it models the overlap of the folds'
-training sets, which is the same whichever set is scored. p-values are Holm-adjusted across the
-family of augmentation claims (every arm except real only, the linear baseline, the learning curve and
+training sets, which is the same whichever set is scored. Beside it, the fold ensembles of the arm and of
+real only are compared on the shared test subjects by a stratified paired bootstrap (uncertainty from the
+test subjects only). p-values are Holm-adjusted (each test separately) across the family of augmentation claims (every arm except real only, the linear baseline, the learning curve and
 TSTR). results.md opens with the verdict (see `verdict`).
 """
 
@@ -25,6 +26,7 @@ from medgen.evaluation.stats import (
     equivalent_subjects,
     holm,
     mean_sd,
+    paired_bootstrap,
 )
 
 REFERENCE = "real"
@@ -37,15 +39,21 @@ def _summary(values: list[float]) -> dict[str, Any]:
     return {"mean": m, "sd": s, "values": values}
 
 
-def _ensemble(per: list[dict[str, Any]], num_classes: int) -> dict[str, Any] | None:
-    """Metrics of the fold models' mean test probabilities (all folds score the same test subjects)."""
+def _ensemble_prob(per: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels [N], the fold models' mean test probabilities [N, classes]); None unless every fold scored the
+    same test subjects."""
     preds = [p.get("test_predictions") for p in per]
     if not preds or any(q is None for q in preds) or len({len(q["y"]) for q in preds}) != 1:
         return None
     if any(q["y"] != preds[0]["y"] for q in preds):
         return None
-    prob = np.mean([np.asarray(q["prob"], dtype=float) for q in preds], axis=0)
-    return classification_metrics(np.asarray(preds[0]["y"]), prob, num_classes)
+    return np.asarray(preds[0]["y"]), np.mean([np.asarray(q["prob"], dtype=float) for q in preds], axis=0)
+
+
+def _ensemble(per: list[dict[str, Any]], num_classes: int) -> dict[str, Any] | None:
+    """Metrics of the fold models' mean test probabilities (all folds score the same test subjects)."""
+    ens = _ensemble_prob(per)
+    return classification_metrics(ens[0], ens[1], num_classes) if ens is not None else None
 
 
 def build_results(fold_results: list[dict[str, Any]], class_names: list[str],
@@ -82,10 +90,17 @@ def build_results(fold_results: list[dict[str, Any]], class_names: list[str],
                 t = corrected_resampled_ttest([p[role][METRIC] for p in per], [r[role][METRIC] for r in ref],
                                               n_train=n_train, n_test=n_val)
                 row[f"{role}_vs_real"] = t.to_dict()
+            ens, ens_ref = _ensemble_prob(per), _ensemble_prob(ref)
+            if ens is not None and ens_ref is not None and np.array_equal(ens[0], ens_ref[0]):
+                b = paired_bootstrap(ens[0], ens[1].argmax(1), ens_ref[1].argmax(1), len(class_names))
+                row["ensemble_vs_real"] = b.to_dict()
         arms.append(row)
     family = [a for a in arms if a["kind"] not in NOT_CLAIMS and a.get("test_vs_real")]
     for a, p in zip(family, holm([a["test_vs_real"]["p"] for a in family]), strict=True):
         a["test_vs_real"]["p_holm"] = p
+    family = [a for a in family if a.get("ensemble_vs_real")]
+    for a, p in zip(family, holm([a["ensemble_vs_real"]["p"] for a in family]), strict=True):
+        a["ensemble_vs_real"]["p_holm"] = p
     results = {"class_names": list(class_names), "folds": len(folds), "metric": METRIC, "n_train_mean": n_train,
                "n_val_mean": n_val, "n_test": n_test, "reference": REFERENCE if ref is not None else None,
                "notes": list(notes or []), "arms": arms}
@@ -115,10 +130,14 @@ def _equivalent(curve: list[dict[str, Any]], score: float) -> dict[str, Any] | N
     return {"subjects": n, "extra_subjects": n - full if not math.isnan(n) else math.nan, "extrapolated": extrapolated}
 
 
-def _gain(t: dict[str, Any]) -> dict[str, float]:
-    """A comparison with real only as the verdict reads it: gain, its interval, p and Holm-adjusted p."""
+def _gain(arm: dict[str, Any]) -> dict[str, Any]:
+    """An arm's comparison with real only as the verdict reads it: gain over folds, its interval, p and Holm p
+    (corrected resampled t-test), and `ensemble`: the fold ensembles' gain with its test-subject bootstrap."""
+    t, b = arm["test_vs_real"], arm.get("ensemble_vs_real")
+    ens = {"gain": b["mean_diff"], "ci_low": b["ci_low"], "ci_high": b["ci_high"], "p": b["p"],
+           "p_holm": b.get("p_holm", math.nan)} if b else None
     return {"gain": t["mean_diff"], "ci_low": t["ci_low"], "ci_high": t["ci_high"], "p": t["p"],
-            "p_holm": t.get("p_holm", math.nan)}
+            "p_holm": t.get("p_holm", math.nan), "ensemble": ens}
 
 
 def _generator_summaries(folds: list[dict[str, Any]], arms: list[dict[str, Any]], curve: list[dict[str, Any]],
@@ -141,7 +160,7 @@ def _generator_summaries(folds: list[dict[str, Any]], arms: list[dict[str, Any]]
         agreement = [a for a in agreement if a]
         per_class = np.mean(agreement, axis=0).tolist() if agreement else None
         out[g] = {
-            "best_arm": best["arm"], "best_arm_label": best["label"], **_gain(t),
+            "best_arm": best["arm"], "best_arm_label": best["label"], **_gain(best),
             "oracle_arm": oracle["arm"] if oracle else None, "oracle_share": share,
             "equivalent": _equivalent(curve, best["test_balanced_accuracy"]["mean"]) if curve else None,
             "tstr_test_balanced_accuracy": tstr["test_balanced_accuracy"] if tstr else None,
@@ -155,7 +174,7 @@ def _controls(arms: list[dict[str, Any]]) -> dict[str, Any]:
     def gain(a: dict[str, Any] | None) -> dict[str, Any] | None:
         if a is None or not a.get("test_vs_real"):
             return None
-        return {"arm": a["arm"], "label": a["label"], **_gain(a["test_vs_real"]), "generators": a.get("generators", [])}
+        return {"arm": a["arm"], "label": a["label"], **_gain(a), "generators": a.get("generators", [])}
 
     real, linear = _arm(arms, REFERENCE), _arm(arms, "linear")
     return {
@@ -177,8 +196,13 @@ def _pts(x: float) -> str:
 
 
 def _claim(g: dict[str, Any]) -> str:
-    return (f"{_pts(g['gain'])} points (95% CI {_pts(g['ci_low'])} to {_pts(g['ci_high'])}), "
+    text = (f"{_pts(g['gain'])} points (95% CI {_pts(g['ci_low'])} to {_pts(g['ci_high'])}), "
             f"Holm-adjusted p = {g['p_holm']:.3g}")
+    e = g.get("ensemble")
+    if e:
+        text += (f"; fold ensembles {_pts(e['gain'])} (test-subject bootstrap 95% CI {_pts(e['ci_low'])} to "
+                 f"{_pts(e['ci_high'])}, Holm p = {e['p_holm']:.3g})")
+    return text
 
 
 def verdict(results: dict[str, Any]) -> list[str]:
@@ -202,10 +226,18 @@ def verdict(results: dict[str, Any]) -> list[str]:
         if o is None:
             continue
         sig = o["p_holm"] < 0.05
+        ens_sig = bool(o.get("ensemble")) and o["ensemble"]["p_holm"] < 0.05 and o["ensemble"]["gain"] > 0
         oracle_power = sig if oracle_power is None else (oracle_power or sig)
-        lines.append(f"Positive control, {o['label']}: {_claim(o)}"
-                     + ("." if sig else " — not significant: the experiment has no power to see augmentation "
-                                         "gains of this size at this sample size."))
+        if sig:
+            what = "."
+        elif ens_sig:
+            what = (" — not significant across folds, significant for the fold ensembles on these test subjects "
+                    "(that bootstrap leaves out the variation between training runs): gains of this size are at "
+                    "the edge of what the experiment can see.")
+        else:
+            what = (" — not significant: the experiment has no power to see augmentation gains of this size at "
+                    "this sample size.")
+        lines.append(f"Positive control, {o['label']}: {_claim(o)}{what}")
     if not ctrl.get("oracle"):
         lines.append("No oracle arm (not phantom data): there is no ceiling to compare gains against.")
     for name, g in results["generators"].items():
@@ -267,14 +299,15 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the summary table (percent, mean ± SD over folds)."""
     names = results["class_names"]
     header = ["arm", "val bal. acc", "test acc", "test bal. acc", "ensemble bal. acc", "test AUC",
-              *[f"recall {n}" for n in names], "Δ test bal. acc vs real [95% CI] (p)"]
+              *[f"recall {n}" for n in names], "Δ test bal. acc vs real [95% CI] (p)",
+              "Δ ensemble [bootstrap 95% CI] (p)"]
     rows = []
     for a in results["arms"]:
         rows.append([a["label"], _pm(a["val_balanced_accuracy"]), _pm(a["test_accuracy"]),
                      _pm(a["test_balanced_accuracy"]), _pct(a.get("test_ensemble")),
                      _pm(a["test_macro_auc"], 1.0, 3),
                      *["n/a" if math.isnan(r) else f"{100 * r:.1f}" for r in a["test_recall"]],
-                     _diff(a.get("test_vs_real"))])
+                     _diff(a.get("test_vs_real")), _diff(a.get("ensemble_vs_real"))])
     return header, rows
 
 
@@ -291,7 +324,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         "(mean). Percent, mean ± SD over folds; ensemble: the fold models' mean test probabilities. Δ: mean paired "
         "difference in test balanced accuracy to \"real only\" (points) with the 95% interval and p-value of the "
         "corrected resampled t-test (Nadeau & Bengio 2003, df = folds - 1, n_test/n_train = validation/training "
-        "fold sizes) and the Holm-adjusted p across the augmentation arms and controls. TSTR: trained on "
+        "fold sizes) and the Holm-adjusted p across the augmentation arms and controls; Δ ensemble: the same for "
+        "the fold ensembles, from a paired bootstrap over the test subjects (stratified by class, 4000 resamples; "
+        "it leaves out the variation between training runs). TSTR: trained on "
         "synthetic volumes only, tested on real ones.",
         "",
         "| " + " | ".join(header) + " |",
@@ -329,6 +364,7 @@ def to_csv(results: dict[str, Any]) -> str:
     header += ["test_ensemble_balanced_accuracy"]
     header += [f"{role}_vs_real_{k}" for role in ("val", "test") for k in ("mean_diff", "ci_low", "ci_high", "t", "p")]
     header += ["test_vs_real_p_holm"]
+    header += [f"ensemble_vs_real_{k}" for k in ("mean_diff", "ci_low", "ci_high", "p", "p_holm")]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -341,6 +377,8 @@ def to_csv(results: dict[str, Any]) -> str:
             t = a.get(f"{role}_vs_real") or {}
             row += [t.get(k, "") for k in ("mean_diff", "ci_low", "ci_high", "t", "p")]
         row += [(a.get("test_vs_real") or {}).get("p_holm", "")]
+        e = a.get("ensemble_vs_real") or {}
+        row += [e.get(k, "") for k in ("mean_diff", "ci_low", "ci_high", "p", "p_holm")]
         w.writerow(row)
     return buf.getvalue()
 

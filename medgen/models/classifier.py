@@ -31,7 +31,11 @@ from medgen.errors import MedgenError
 from medgen.models.registry import register_model
 
 BACKBONES = ("resnet18", "densenet121", "simple", "plain")
-NORMS = ("batch", "instance")
+NORMS = ("batch", "instance", "layer", "none")
+# MONAI norm arguments; "layer" is GroupNorm with one group (per sample, over channels and space: unlike
+# instance norm it keeps each channel's magnitude relative to the others, which global pooling then reads).
+_NORM_ARGS: dict[str, Any] = {"batch": "batch", "instance": "instance", "layer": ("group", {"num_groups": 1}),
+                              "none": None}
 
 
 @dataclass
@@ -86,7 +90,7 @@ class _PlainTrunk(nn.Module):
             # The first stage is one strided conv: a stride-1 conv on the largest grid would double the cost.
             for stride in (2,) if i == 0 else (2, 1):
                 layers.append(Convolution(spatial_dims, c_in, c, strides=stride, kernel_size=3, act="relu",
-                                          norm=norm))
+                                          norm=_NORM_ARGS[norm]))
                 c_in = c
         self.net = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
@@ -108,7 +112,7 @@ class Classifier(nn.Module):
         base_width: width of the first stage (ResNet widths base_width * [1, 2, 4, 8]).
         backbone: one of resnet18, densenet121, simple, plain (not `name`: create_model takes that positionally).
         dropout: dropout probability before the linear head.
-        norm: normalisation layer of the plain backbone, batch or instance.
+        norm: normalisation layer of the plain backbone: batch, instance, layer (GroupNorm, one group) or none.
         standardize: standardise the input voxelwise with training-set statistics (see the module doc).
         coords: append one channel per spatial axis holding the voxel's coordinate in [-1, 1] (CoordConv), so
             convolutions can tell where they are (global pooling otherwise discards it).

@@ -74,7 +74,24 @@ def test_norm_only_for_plain_backbone():
     with pytest.raises(MedgenError, match="plain"):
         Classifier(backbone="resnet18", norm="instance")
     with pytest.raises(MedgenError, match="norm"):
-        Classifier(backbone="plain", norm="layer")
+        Classifier(backbone="plain", norm="group")
+
+
+def test_layer_norm_keeps_what_instance_norm_removes_before_pooling():
+    # Instance norm standardises every channel of every sample over space, so the pooled features of a volume
+    # and of the same volume with a brighter region barely differ; layer norm (one group) keeps the
+    # channels' magnitudes relative to each other, which is where regional intensity shows up after pooling.
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32, 32, 32)
+    brighter = x.clone()
+    brighter[..., :16, :, :] += 2.0
+    spread = {}
+    for norm in ("instance", "layer"):
+        model = Classifier(image_size=32, base_width=4, backbone="plain", norm=norm).eval()
+        with torch.no_grad():
+            f = model(torch.cat([x, brighter])).features
+        spread[norm] = (f[0] - f[1]).abs().mean().item() / f.abs().mean().item()
+    assert spread["layer"] > 1.5 * spread["instance"]
 
 
 def test_cosine_schedule_warms_up_and_decays_to_zero():

@@ -116,6 +116,11 @@ def test_every_arm_runs_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert (tmp_path / "full" / name).is_file()
     md = (tmp_path / "full" / "results.md").read_text()
     assert "Δ test bal. acc vs real" in md and md.index("## Verdict") < md.index("## Arms")
+    assert "Δ ensemble" in md and "test-subject bootstrap" in md
+    for a in full["arms"]:
+        if a["arm"] != "real":  # every arm's fold ensemble is compared with real only's on the shared test set
+            e = a["ensemble_vs_real"]
+            assert e["ci_low"] <= e["ci_high"] and 0 < e["p"] <= 1 and e["n"] == full["n_test"]
     assert "no oracle arm" in md  # the note says why the positive control is missing
     assert set(full["generators"]) == {"gan"} and full["learning_curve"][-1]["arm"] == "real"
     perm = json.loads((tmp_path / "full" / "fold_0" / "arms" / "permuted_f50.json").read_text())

@@ -30,3 +30,7 @@ def test_null_cohort_has_no_significant_arm(tmp_path):
     claims = [a["test_vs_real"]["p_holm"] for a in results["arms"] if "p_holm" in (a.get("test_vs_real") or {})]
     print(f"null cohort Holm p-values, smallest first: {sorted(claims)}")
     assert claims and all(not math.isnan(p) and p >= 0.05 for p in claims), claims
+    ensemble = [a["ensemble_vs_real"]["p_holm"] for a in results["arms"]
+                if "p_holm" in (a.get("ensemble_vs_real") or {})]
+    print(f"null cohort fold-ensemble bootstrap Holm p-values, smallest first: {sorted(ensemble)}")
+    assert ensemble and all(p >= 0.05 for p in ensemble), ensemble
