@@ -7,8 +7,9 @@ resampled t-test (Nadeau & Bengio) and its 95 % interval. The correction's n_tes
 cross-validation's validation / training ratio for both roles: it models the overlap of the folds'
 training sets, which is the same whichever set is scored. Beside it, the fold ensembles of the arm and of
 real only are compared on the shared test subjects by a stratified paired bootstrap (uncertainty from the
-test subjects only). p-values are Holm-adjusted (each test separately) across the family of augmentation claims (every arm except real only, the linear baseline, the learning curve and
-TSTR). results.md opens with the verdict (see `verdict`).
+test subjects only). p-values are Holm-adjusted (each test separately) across the family of augmentation
+claims (every arm except real only, the linear baseline, the learning curve and TSTR). results.md opens
+with the verdict (see `verdict`).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ def _ensemble_prob(per: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] |
     return np.asarray(preds[0]["y"]), np.mean([np.asarray(q["prob"], dtype=float) for q in preds], axis=0)
 
 
-def _ensemble(per: list[dict[str, Any]], num_classes: int) -> dict[str, Any] | None:
-    """Metrics of the fold models' mean test probabilities (all folds score the same test subjects)."""
-    ens = _ensemble_prob(per)
-    return classification_metrics(ens[0], ens[1], num_classes) if ens is not None else None
+def _set_holm(family: list[dict[str, Any]], key: str) -> None:
+    """Holm-adjust the p-values of arm[key] across `family` (stored as arm[key]["p_holm"])."""
+    for a, p in zip(family, holm([a[key]["p"] for a in family]), strict=True):
+        a[key]["p_holm"] = p
 
 
 def build_results(fold_results: list[dict[str, Any]], class_names: list[str],
@@ -65,6 +66,7 @@ def build_results(fold_results: list[dict[str, Any]], class_names: list[str],
     n_val = float(np.mean([f["n_val"] for f in folds]))
     n_test = float(np.mean([f["n_test"] for f in folds]))
     ref = [f["arms"][REFERENCE] for f in folds] if REFERENCE in keys else None
+    ens_ref = _ensemble_prob(ref) if ref is not None else None
     arms = []
     for key in keys:
         per = [f["arms"][key] for f in folds]
@@ -84,23 +86,21 @@ def build_results(fold_results: list[dict[str, Any]], class_names: list[str],
                 row[f"{role}_recall"] = [float(np.nanmean(recalls[:, c])) if not np.isnan(recalls[:, c]).all()
                                          else math.nan for c in range(recalls.shape[1])]
             row[f"{role}_confusion_sum"] = np.sum([p[role]["confusion"] for p in per], axis=0).tolist()
-        row["test_ensemble"] = _ensemble(per, len(class_names))
+        # the fold ensemble on the shared test set (None unless every fold scored the same subjects)
+        ens = _ensemble_prob(per)
+        row["test_ensemble"] = classification_metrics(ens[0], ens[1], len(class_names)) if ens is not None else None
         if ref is not None and key != REFERENCE:
             for role in ("val", "test"):
                 t = corrected_resampled_ttest([p[role][METRIC] for p in per], [r[role][METRIC] for r in ref],
                                               n_train=n_train, n_test=n_val)
                 row[f"{role}_vs_real"] = t.to_dict()
-            ens, ens_ref = _ensemble_prob(per), _ensemble_prob(ref)
             if ens is not None and ens_ref is not None and np.array_equal(ens[0], ens_ref[0]):
                 b = paired_bootstrap(ens[0], ens[1].argmax(1), ens_ref[1].argmax(1), len(class_names))
                 row["ensemble_vs_real"] = b.to_dict()
         arms.append(row)
     family = [a for a in arms if a["kind"] not in NOT_CLAIMS and a.get("test_vs_real")]
-    for a, p in zip(family, holm([a["test_vs_real"]["p"] for a in family]), strict=True):
-        a["test_vs_real"]["p_holm"] = p
-    family = [a for a in family if a.get("ensemble_vs_real")]
-    for a, p in zip(family, holm([a["ensemble_vs_real"]["p"] for a in family]), strict=True):
-        a["ensemble_vs_real"]["p_holm"] = p
+    _set_holm(family, "test_vs_real")
+    _set_holm([a for a in family if a.get("ensemble_vs_real")], "ensemble_vs_real")
     results = {"class_names": list(class_names), "folds": len(folds), "metric": METRIC, "n_train_mean": n_train,
                "n_val_mean": n_val, "n_test": n_test, "reference": REFERENCE if ref is not None else None,
                "notes": list(notes or []), "arms": arms}
