@@ -28,14 +28,17 @@ from monai.networks.nets import DenseNet, ResNet
 from torch import nn
 
 from medgen.errors import MedgenError
+from medgen.models.blocks import NORMS, norm_arg
 from medgen.models.registry import register_model
 
 BACKBONES = ("resnet18", "densenet121", "simple", "plain")
-NORMS = ("batch", "instance", "layer", "none")
-# MONAI norm arguments; "layer" is GroupNorm with one group (per sample, over channels and space: unlike
-# instance norm it keeps each channel's magnitude relative to the others, which global pooling then reads).
-_NORM_ARGS: dict[str, Any] = {"batch": "batch", "instance": "instance", "layer": ("group", {"num_groups": 1}),
-                              "none": None}
+
+
+def _norm(norm: str) -> str | tuple | None:
+    """MONAI norm argument of the plain trunk: blocks.norm_arg, except that instance norm stays non-affine
+    (as the classifier has always had it; its checkpoints hold no affine parameters). "layer" (GroupNorm, one
+    group) keeps each channel's magnitude relative to the others, which instance norm removes before pooling."""
+    return "instance" if norm == "instance" else norm_arg(norm, "classifier")
 
 
 @dataclass
@@ -90,7 +93,7 @@ class _PlainTrunk(nn.Module):
             # The first stage is one strided conv: a stride-1 conv on the largest grid would double the cost.
             for stride in (2,) if i == 0 else (2, 1):
                 layers.append(Convolution(spatial_dims, c_in, c, strides=stride, kernel_size=3, act="relu",
-                                          norm=_NORM_ARGS[norm]))
+                                          norm=_norm(norm)))
                 c_in = c
         self.net = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
