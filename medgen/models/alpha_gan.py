@@ -49,6 +49,10 @@ class AlphaGAN(nn.Module):
             codes are standardised, E(x) - m_y, for the code critic and `encode`, and `sample` decodes z + m_y,
             so prior samples of class y start from its centroid; G(E(x)) is unchanged.
         class_offset: a learned full-resolution map per class added before the output tanh (see Generator).
+        generator_output: "image" (voxels, DCGAN) or "warp" (a deformable template; see Generator).
+        warp_size: the warp output's field grid edge (0: image_size / 2).
+        max_displacement: the warp output's largest displacement (fraction of the half field of view).
+        noise: learned observation noise on the generator's output (see Generator).
     """
 
     compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
@@ -56,7 +60,9 @@ class AlphaGAN(nn.Module):
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  e_norm: str = "batch", d_norm: str = "layer", code_hidden: int = 256,
-                 conditional_encoder: bool = False, class_prior: bool = False, class_offset: bool = False) -> None:
+                 conditional_encoder: bool = False, class_prior: bool = False, class_offset: bool = False,
+                 generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
+                 noise: bool = False) -> None:
         super().__init__()
         check_common("model 'alpha-gan'", spatial_dims=spatial_dims, in_channels=in_channels,
                      num_classes=num_classes, image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -71,7 +77,8 @@ class AlphaGAN(nn.Module):
         self.generator, self.discriminator = generator_and_critic(
             spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
             base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm,
-            class_offset=class_offset)
+            class_offset=class_offset, output=generator_output, warp_size=warp_size,
+            max_displacement=max_displacement, noise=noise)
         self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
         self.prior = nn.Embedding(num_classes, latent_dim) if class_prior else None  # m_y, zero at the start
         if self.prior is not None:
@@ -88,11 +95,17 @@ class AlphaGAN(nn.Module):
         code = self.encoder(x, labels)
         return code - self.prior_mean(labels, code) if self.prior is not None else code
 
-    def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Decode (standardised) latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+    @property
+    def observation_noise(self) -> bool:
+        """Whether sample() takes observation noise (the generator's `noise` option)."""
+        return self.generator.observation_noise
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode (standardised) latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]
+        (noise: standard normal like the images, for the observation noise)."""
         if self.prior is not None:
             z = z + self.prior_mean(labels, z)
-        return self.generator(z, labels)
+        return self.generator(z, labels, noise)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> AlphaGANOutput:
         """Reconstruct x through E and G and score reconstruction and code with both critics."""

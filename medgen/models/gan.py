@@ -40,13 +40,19 @@ class GAN(nn.Module):
         g_norm: generator normalisation (batch | instance | layer | none).
         d_norm: critic normalisation (layer | instance | none).
         class_offset: a learned full-resolution map per class added before the output tanh (see Generator).
+        generator_output: "image" (voxels, DCGAN) or "warp" (a deformable template; see Generator).
+        warp_size: the warp output's field grid edge (0: image_size / 2).
+        max_displacement: the warp output's largest displacement (fraction of the half field of view).
+        noise: learned observation noise on the generator's output (see Generator).
     """
 
     compile_children = ("generator",)  # the critic stays eager (gradient penalty: double backward)
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
-                 d_norm: str = "layer", class_offset: bool = False) -> None:
+                 d_norm: str = "layer", class_offset: bool = False,
+                 generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
+                 noise: bool = False) -> None:
         super().__init__()
         check_common("model 'gan'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -55,11 +61,18 @@ class GAN(nn.Module):
         self.generator, self.discriminator = generator_and_critic(
             spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
             base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm,
-            class_offset=class_offset)
+            class_offset=class_offset, output=generator_output, warp_size=warp_size,
+            max_displacement=max_displacement, noise=noise)
 
-    def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
-        return self.generator(z, labels)
+    @property
+    def observation_noise(self) -> bool:
+        """Whether sample() takes observation noise (the generator's `noise` option)."""
+        return self.generator.observation_noise
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]
+        (noise: standard normal like the images, for the observation noise)."""
+        return self.generator(z, labels, noise)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> GANOutput:
         """Generate from z and score the result with the critic (the whole model in one pass)."""

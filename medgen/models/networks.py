@@ -4,6 +4,8 @@ conv encoder and code critic. GAN composes generator + critic, VAE encoder + gen
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.layers.utils import get_norm_layer
@@ -36,8 +38,33 @@ def check_common(what: str, *, spatial_dims: int, in_channels: int, num_classes:
     num_stages(image_size, what)
 
 
+OUTPUTS = ("image", "warp")
+# The warp generator's template moves this many times faster than Adam's per-step size (lr) would move a plain
+# parameter: from the zero start to the background's pre-tanh level (about -3) in 1500 steps at 2e-4, while the
+# random walk of noisy (critic) gradients stays small.
+TEMPLATE_GAIN = 10.0
+WARP_INIT_SCALE = 0.1  # the warp output's last conv starts at this fraction of its default initial weights
+NOISE_INIT = 0.02  # the observation noise's starting sd (real phantom volumes: Rician noise, 1-4 % of WM)
+
+
+def identity_grid(spatial_dims: int, size: int) -> torch.Tensor:
+    """grid_sample's identity sampling grid [1, *S, D] (align_corners=True; the last entry indexes axis 0)."""
+    axes = torch.linspace(-1.0, 1.0, size)
+    coords = torch.stack(torch.meshgrid(*(axes,) * spatial_dims, indexing="ij"), dim=-1)  # [*S, D], axis order
+    return coords.flip(-1).unsqueeze(0)  # grid_sample wants (x, y, z) = (last axis, ..., first axis)
+
+
 class Generator(nn.Module):
     """Conditional DCGAN generator: latent [B, latent_dim] + labels [B] -> images [B, C, *spatial] in [-1, 1].
+
+    Two outputs (`output`):
+    - "image": the up-stages draw the image voxel by voxel (DCGAN);
+    - "warp": a deformable template. The up-stages stop at a `warp_size` grid and draw a displacement field plus a
+      multiplicative and an additive intensity field there; upsampled to the image (linearly) they warp one
+      learned full-resolution template (bilinear sampling) and adjust its contrast. Why: the anatomy then keeps the
+      template's sharp edges whatever the code, where a decoder drawing voxels averages misregistered edges into
+      blur, and a subject is a smooth deformation of a common anatomy (atrophy is a local volume change), which
+      is what a low-resolution displacement field describes. The last stage starts small: near the identity warp.
 
     Args:
         spatial_dims: 2 or 3.
@@ -51,15 +78,36 @@ class Generator(nn.Module):
         class_offset: add a learned full-resolution map per class before the output tanh (zero at the start).
             Why: a class effect that is small beside the anatomy's variation (atrophy in a few regions) is
             one gradient step away in the map, where through the bottleneck it is lost in the reconstruction.
+        output: "image" or "warp" (see above).
+        warp_size: edge of the warp output's field grid (image_size / 2**j, >= 8; 0: image_size / 2).
+        max_displacement: largest displacement of the warp output, as a fraction of the half field of view.
+        noise: observation noise: `forward(..., noise=eps)` adds sigma * (1 + x) / 2 * eps to the output x, a
+            learned sigma scaled by the brightness (zero on the -1 background, as brain-extracted scans). Why: a
+            mean image has none of the scanner noise and texture of real volumes, which any real-vs-synthetic
+            test sees at once. The critic sets sigma (gan, alpha-gan: the reconstruction loss sees the mean).
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose",
-                 norm: str = "batch", class_offset: bool = False) -> None:
+                 norm: str = "batch", class_offset: bool = False, output: str = "image", warp_size: int = 0,
+                 max_displacement: float = 0.2, noise: bool = False) -> None:
         super().__init__()
+        if output not in OUTPUTS:
+            raise MedgenError(f"generator: output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         n = num_stages(image_size)
         self.spatial_dims = spatial_dims
         self.latent_dim = latent_dim
+        self.output, self.image_size, self.max_displacement = output, image_size, max_displacement
+        stop = 0  # stages are skipped below this one: the warp fields live on image_size / 2**stop
+        if output == "warp":
+            warp_size = warp_size or image_size // 2
+            stop = round(math.log2(image_size / warp_size)) if warp_size > 0 else -1
+            if warp_size < 8 or stop < 1 or warp_size * 2**stop != image_size:
+                raise MedgenError(f"generator: warp_size must be image_size / 2**j with j >= 1 and >= 8, got "
+                                  f"{warp_size} for image_size {image_size}")
+            if not 0 < max_displacement <= 1:
+                raise MedgenError(f"generator: max_displacement must be in (0, 1], got {max_displacement}")
+        field_channels = spatial_dims + 2  # displacement per axis, log-gain, bias
         self.bottleneck_channels = stage_channels(base_width, n)
         self.fc = ClassConditionedLinear(in_features=latent_dim, out_features=self.bottleneck_channels
                                          * BOTTLENECK**spatial_dims, num_classes=num_classes)
@@ -68,13 +116,20 @@ class Generator(nn.Module):
                         get_norm_layer(n_arg, spatial_dims=spatial_dims, channels=self.bottleneck_channels))
         self.fc_act = nn.ReLU()
         stages = []
-        for k in range(n, 0, -1):  # resolution image_size / 2**k -> image_size / 2**(k-1)
-            last = k == 1
+        for k in range(n, stop, -1):  # resolution image_size / 2**k -> image_size / 2**(k-1)
+            last = k == stop + 1
+            width = (field_channels if output == "warp" else in_channels) if last else stage_channels(base_width, k - 1)
             stages.append(UpBlock(spatial_dims=spatial_dims, in_channels=stage_channels(base_width, k),
-                                  out_channels=in_channels if last else stage_channels(base_width, k - 1),
-                                  upsample=upsample, norm="none" if last else norm,
+                                  out_channels=width, upsample=upsample, norm="none" if last else norm,
                                   act=None if last else "relu"))
         self.stages = nn.Sequential(*stages)
+        if output == "warp":
+            final = self.stages[-1][-1].conv  # the last conv: small weights, zero bias: close to the identity warp
+            with torch.no_grad():  # (not zero: the stages below would get no gradient, and the codes would be ignored)
+                final.weight.mul_(WARP_INIT_SCALE)
+                final.bias.zero_()
+            self.template = nn.Parameter(torch.zeros(1, in_channels, *(image_size,) * spatial_dims))  # pre-tanh / gain
+            self.register_buffer("grid", identity_grid(spatial_dims, image_size), persistent=False)
         if class_offset and num_classes < 1:
             raise MedgenError("generator: class_offset needs num_classes >= 1")
         # [K, C * S^d]: one pre-tanh map per class, looked up (or class-weighted) like an embedding
@@ -82,16 +137,45 @@ class Generator(nn.Module):
                        else None)
         if self.offset is not None:
             nn.init.zeros_(self.offset.weight)
+        self.log_noise = nn.Parameter(torch.tensor(math.log(NOISE_INIT))) if noise else None
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def observation_noise(self) -> bool:
+        """Whether forward() takes observation noise."""
+        return self.log_noise is not None
+
+    def add_noise(self, images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """images + sigma * (1 + images) / 2 * eps (unchanged without observation noise)."""
+        if self.log_noise is None:
+            return images
+        return images + self.log_noise.exp().to(images.dtype) * (1 + images) / 2 * eps.to(images.dtype)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents z [B, latent_dim] and labels [B] (or class weights [B, K]) -> images [B, C, *S]; noise: standard
+        normal like the images for the observation noise (None: the mean image)."""
         h = self.fc(z, labels)
         # [B, C * 4^d] -> [B, C, 4, ...]
         h = h.view(z.shape[0], self.bottleneck_channels, *(BOTTLENECK,) * self.spatial_dims)
         h = self.fc_act(self.fc_norm(h))
         out = self.stages(h)
+        if self.output == "warp":
+            out = self.warp(out).to(out.dtype)
         if self.offset is not None:
             out = out + embed_labels(self.offset, labels).to(out.dtype).view_as(out)  # [B, C*S^d] -> [B, C, *S]
-        return torch.tanh(out)
+        out = torch.tanh(out)
+        return out if noise is None else self.add_noise(out, noise)
+
+    def warp(self, fields: torch.Tensor) -> torch.Tensor:
+        """Fields [B, D + 2, *W] -> the warped, contrast-adjusted template [B, C, *S] (pre-tanh, float32)."""
+        d = self.spatial_dims
+        mode = "trilinear" if d == 3 else "bilinear"
+        fields = nn.functional.interpolate(fields.float(), size=(self.image_size,) * d, mode=mode, align_corners=True)
+        # [B, D, *S] -> [B, *S, D]: displacement in grid_sample's normalised coordinates
+        disp = self.max_displacement * torch.tanh(fields[:, :d]).movedim(1, -1)
+        template = (TEMPLATE_GAIN * self.template.float()).expand(fields.shape[0], *self.template.shape[1:])
+        warped = nn.functional.grid_sample(template, self.grid.float() + disp, mode="bilinear",
+                                           padding_mode="border", align_corners=True)
+        return warped * torch.exp(fields[:, d : d + 1]) + fields[:, d + 1 : d + 2]
 
 
 class Discriminator(nn.Module):
@@ -180,12 +264,14 @@ class CodeDiscriminator(nn.Module):
 
 
 def generator_and_critic(*, spatial_dims: int, in_channels: int, num_classes: int, image_size: int, base_width: int,
-                         latent_dim: int, upsample: str, g_norm: str, d_norm: str,
-                         class_offset: bool = False) -> tuple[Generator, Discriminator]:
+                         latent_dim: int, upsample: str, g_norm: str, d_norm: str, class_offset: bool = False,
+                         output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
+                         noise: bool = False) -> tuple[Generator, Discriminator]:
     """The generator and the image critic of a GAN-style model (built in this order: same init RNG draws)."""
     generator = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                           image_size=image_size, base_width=base_width, latent_dim=latent_dim,
-                          upsample=upsample, norm=g_norm, class_offset=class_offset)
+                          upsample=upsample, norm=g_norm, class_offset=class_offset, output=output,
+                          warp_size=warp_size, max_displacement=max_displacement, noise=noise)
     discriminator = Discriminator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                                   image_size=image_size, base_width=base_width, norm=d_norm)
     return generator, discriminator

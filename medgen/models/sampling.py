@@ -7,6 +7,7 @@ A model can sample when it has `latent_dim` and `sample(z, labels)` (see `can_sa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,16 @@ from medgen.errors import MedgenError
 def draw_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     """Standard normal latents [n, latent_dim] from a CPU generator seeded with `seed`."""
     return torch.randn(n, int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def latent_noise(z: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal observation noise [N, *shape], row i from a CPU generator seeded by the bytes of z[i]:
+    the same latent gives the same volume whatever the batching, device or order."""
+    rows = []
+    for code in z.detach().float().cpu():
+        seed = int.from_bytes(hashlib.blake2b(code.numpy().tobytes(), digest_size=8).digest(), "little") >> 1
+        rows.append(torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)))
+    return torch.stack(rows)
 
 
 def decode(
@@ -49,10 +60,16 @@ def decode(
     model.to(dev)
     chunks = []
     ctx = precision.autocast if precision is not None else _null
+    noisy = bool(getattr(model, "observation_noise", False))
     with torch.no_grad():
         for i in range(0, labels.shape[0], max(1, batch_size)):
+            zi, yi = z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev)
             with ctx():
-                x = model.sample(z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev))
+                if noisy:  # the image shape from the mean of the first row, then the latents' own noise
+                    shape = model.sample(zi[:1], yi[:1]).shape[1:]
+                    x = model.sample(zi, yi, noise=latent_noise(z[i : i + batch_size], shape).to(dev))
+                else:
+                    x = model.sample(zi, yi)
             chunks.append(x.float().cpu())
     model.train(was_training)
     return torch.cat(chunks).clamp_(-1.0, 1.0)

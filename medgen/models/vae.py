@@ -47,11 +47,15 @@ class VAE(nn.Module):
         logvar_clamp: |logvar| bound that keeps exp(logvar) finite early in training (0: none).
         class_prior: class-conditional prior N(m_y, I) and a class-blind encoder (see the module docstring).
         class_offset: a learned full-resolution map per class added before the output tanh (see Generator).
+        generator_output: "image" (voxels, DCGAN) or "warp" (a deformable template; see Generator).
+        warp_size: the warp output's field grid edge (0: image_size / 2).
+        max_displacement: the warp output's largest displacement (fraction of the half field of view).
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", norm: str = "batch",
-                 logvar_clamp: float = 10.0, class_prior: bool = False, class_offset: bool = False) -> None:
+                 logvar_clamp: float = 10.0, class_prior: bool = False, class_offset: bool = False,
+                 generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2) -> None:
         super().__init__()
         check_common("model 'vae'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -71,7 +75,8 @@ class VAE(nn.Module):
             nn.init.zeros_(self.prior.weight)
         self.decoder = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                                  image_size=image_size, base_width=base_width, latent_dim=latent_dim,
-                                 upsample=upsample, norm=norm, class_offset=class_offset)
+                                 upsample=upsample, norm=norm, class_offset=class_offset,
+                                 output=generator_output, warp_size=warp_size, max_displacement=max_displacement)
 
     def prior_mean(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""

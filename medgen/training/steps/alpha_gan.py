@@ -91,9 +91,11 @@ class AlphaGANStep(Step):
                     code = code - model.prior_mean(y, code)
                     latents = torch.cat([code, z_prior.to(code.dtype)]) + model.prior_mean(y2, code)
                 both = G(latents, y2)  # one generator call: [2B, L] -> [2B, C, ...]
+                recon = both[:b]  # the L1 term sees the mean image; the critic its observation noise too
+                if G.observation_noise:
+                    both = G.add_noise(both, ctx.randn(2 * b, *x.shape[1:], device=x.device))
                 both_score = D(both, y2)
                 code_score = C(code)
-            recon = both[:b]
             l1 = losses.reconstruction(recon, x, "l1")
             adv = self._gen_loss(both_score)  # mean over reconstructions and prior samples
             code_adv = self._gen_loss(code_score)

@@ -14,6 +14,11 @@ from medgen.training.steps.base import Batch, Step, StepContext, register_step
 from medgen.training.steps.common import frozen, uniform
 
 
+def _noise(G: nn.Module, x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+    """Standard normal like x for a generator with observation noise, else None."""
+    return ctx.randn(*x.shape, device=x.device) if G.observation_noise else None
+
+
 @register_step(GAN)
 @dataclass
 class GANStep(Step):
@@ -52,7 +57,7 @@ class GANStep(Step):
             z = ctx.randn(b, model.latent_dim, device=device)
             with ctx.precision.autocast():
                 with torch.no_grad():
-                    fake = G(z, y)
+                    fake = G(z, y, _noise(G, x, ctx))
                 # one critic call on [real; fake]: [2B, C, ...] -> [2B]
                 real_score, fake_score = D(torch.cat([x, fake.to(x.dtype)]), torch.cat([y, y])).chunk(2)
             critic = losses.wgan_critic_loss(real_score, fake_score)
@@ -62,7 +67,7 @@ class GANStep(Step):
         z = ctx.randn(b, model.latent_dim, device=device)
         with frozen(D):
             with ctx.precision.autocast():
-                fake_score = D(G(z, y), y)
+                fake_score = D(G(z, y, _noise(G, x, ctx)), y)
             g_loss = losses.wgan_generator_loss(fake_score)
             ctx.backward_step(g_loss, opt["generator"], "generator")
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "gp": gp.detach(),
