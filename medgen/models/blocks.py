@@ -113,6 +113,66 @@ def embed_labels(embedding: nn.Embedding, labels: torch.Tensor) -> torch.Tensor:
     return embedding(labels)
 
 
+SAMPLE_PRIORS = ("standard", "fitted")
+
+
+class FittedCodePrior(nn.Module):
+    """Per-class Gaussian over a trained encoder's codes, to sample from: z ~ N(0, I) -> loc_y + tril_y z.
+
+    Why: with a small KL weight (or an adversarial code critic that does not win) the codes of the training
+    volumes fill a small, tilted part of N(0, I); decoding N(0, I) draws then lands where the decoder saw no code,
+    and the samples look alike. Fitting a Gaussian to the codes after training (ex-post density estimation, Ghosh
+    et al. 2020) samples where the codes are. Until `fit` runs it is the identity (the standard prior).
+
+    Args:
+        num_classes: K (one Gaussian per class).
+        latent_dim: L.
+    """
+
+    def __init__(self, num_classes: int, latent_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(max(num_classes, 1), latent_dim))  # [K, L]
+        self.register_buffer("tril", torch.eye(latent_dim).repeat(max(num_classes, 1), 1, 1))  # [K, L, L]
+
+    @torch.no_grad()
+    def fit(self, codes: torch.Tensor, labels: torch.Tensor) -> None:
+        """Fit each class's mean and Ledoit-Wolf shrunk covariance (codes [N, L], labels [N]); a class with
+        fewer than 2 codes keeps its Gaussian."""
+        from sklearn.covariance import LedoitWolf  # only when fitting
+
+        codes, labels = codes.detach().double().cpu(), labels.detach().cpu()
+        for k in range(self.loc.shape[0]):
+            ck = codes[labels == k]
+            if ck.shape[0] < 2:
+                continue
+            cov = torch.as_tensor(LedoitWolf().fit(ck.numpy()).covariance_)
+            cov = cov + 1e-6 * torch.eye(cov.shape[0], dtype=cov.dtype)  # positive definite for Cholesky
+            self.loc[k] = ck.mean(0).to(self.loc)
+            self.tril[k] = torch.linalg.cholesky(cov).to(self.tril)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """z [B, L] and labels [B] (or class weights [B, K]) -> codes [B, L]."""
+        return gaussian_codes(self.loc, self.tril, z, labels)
+
+
+def gaussian_codes(loc: torch.Tensor, tril: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """loc_y + tril_y z for per-class means loc [K, L] and Cholesky factors tril [K, L, L]; class weights labels
+    [B, K] take the weighted mean of the means and of the factors."""
+    if labels.is_floating_point() and labels.ndim == 2:
+        w = labels.to(loc.dtype)
+        loc, tril = w @ loc, torch.einsum("bk,kij->bij", w, tril)
+    else:
+        loc, tril = loc[labels], tril[labels]
+    return (loc + torch.einsum("bij,bj->bi", tril, z.to(loc.dtype))).to(z.dtype)
+
+
+def fitted_prior(what: str, sample_prior: str, num_classes: int, latent_dim: int) -> FittedCodePrior | None:
+    """The FittedCodePrior a `sample_prior` setting asks for (None for "standard"); one error line otherwise."""
+    if sample_prior not in SAMPLE_PRIORS:
+        raise MedgenError(f"{what}: sample_prior must be one of {', '.join(SAMPLE_PRIORS)}, got {sample_prior!r}")
+    return FittedCodePrior(num_classes, latent_dim) if sample_prior == "fitted" else None
+
+
 class ClassConditionedLinear(nn.Module):
     """Linear layer on [x, one_hot(label)]: W x + E[label], with E a learned class embedding.
 

@@ -15,11 +15,25 @@ import torch
 from torch import nn
 
 from medgen.errors import MedgenError
+from medgen.models.blocks import gaussian_codes
 
 
 def draw_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     """Standard normal latents [n, latent_dim] from a CPU generator seeded with `seed`."""
     return torch.randn(n, int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
+
+
+def prior_codes(model: nn.Module, z: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The codes to decode for standard normal draws z [N, latent_dim]: z itself, or z mapped by the model's fitted
+    code prior (`sample_prior: fitted`) to where its training codes lie."""
+    prior = getattr(model, "code_prior", None)
+    if prior is None:
+        return z
+    labels = torch.as_tensor(labels)
+    if not (labels.is_floating_point() and labels.ndim == 2):
+        labels = labels.to(torch.int64).reshape(-1)
+    with torch.no_grad():  # the draws stay on the CPU (device-independent samples); the model may be on a GPU
+        return gaussian_codes(prior.loc.detach().cpu(), prior.tril.detach().cpu(), z.cpu(), labels.cpu())
 
 
 def latent_noise(z: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -99,7 +113,7 @@ def sample_images(
     if not (hasattr(model, "sample") and hasattr(model, "latent_dim")):
         raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
     n = len(labels)
-    z = draw_latents(n, model.latent_dim, seed)  # [N, latent_dim]
+    z = prior_codes(model, draw_latents(n, model.latent_dim, seed), labels)  # [N, latent_dim]
     return decode(model, z, labels, batch_size=batch_size, device=device, precision=precision)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medgen.models.blocks import embed_labels
+from medgen.models.blocks import embed_labels, fitted_prior
 from medgen.models.networks import Encoder, Generator, check_common
 from medgen.models.registry import register_model
 
@@ -50,12 +50,18 @@ class VAE(nn.Module):
         generator_output: "image" (voxels, DCGAN) or "warp" (a deformable template; see Generator).
         warp_size: the warp output's field grid edge (0: image_size / 2).
         max_displacement: the warp output's largest displacement (fraction of the half field of view).
+        noise: learned observation noise on the decoder's output (see Generator); its sd follows the maximum-likelihood
+            fit to the high-frequency part of the reconstruction residual (training/steps/vae.py, fit_noise).
+        sample_prior: "standard" (sample() decodes z ~ N(0, I) as given) or "fitted" (a per-class Gaussian over
+            the training codes, fitted by training's SamplePrior hook, maps the N(0, I) draws of sample_images and
+            synth; see FittedCodePrior).
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", norm: str = "batch",
                  logvar_clamp: float = 10.0, class_prior: bool = False, class_offset: bool = False,
-                 generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2) -> None:
+                 generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
+                 noise: bool = False, sample_prior: str = "standard") -> None:
         super().__init__()
         check_common("model 'vae'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -76,7 +82,9 @@ class VAE(nn.Module):
         self.decoder = Generator(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                                  image_size=image_size, base_width=base_width, latent_dim=latent_dim,
                                  upsample=upsample, norm=norm, class_offset=class_offset,
-                                 output=generator_output, warp_size=warp_size, max_displacement=max_displacement)
+                                 output=generator_output, warp_size=warp_size, max_displacement=max_displacement,
+                                 noise=noise)
+        self.code_prior = fitted_prior("model 'vae'", sample_prior, num_classes, latent_dim)
 
     def prior_mean(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""
@@ -93,11 +101,17 @@ class VAE(nn.Module):
             mu = mu - self.prior_mean(labels, mu)
         return mu, logvar
 
-    def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Decode (standardised) latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]."""
+    @property
+    def observation_noise(self) -> bool:
+        """Whether sample() takes observation noise (the decoder's `noise` option)."""
+        return self.decoder.observation_noise
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode (standardised) latents z [B, latent_dim] with labels [B] to images [B, C, *spatial] in [-1, 1]
+        (noise: standard normal like the images, for the observation noise; None: the mean image)."""
         if self.prior is not None:
             z = z + self.prior_mean(labels, z)
-        return self.decoder(z, labels)
+        return self.decoder(z, labels, noise)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None) -> VAEOutput:

@@ -32,7 +32,7 @@ from medgen.bids import write_bidsignore, write_dataset_description, write_parti
 from medgen.checkpoint import model_from_checkpoint
 from medgen.console import log
 from medgen.errors import MedgenError
-from medgen.models.sampling import decode, draw_latents, sample_images
+from medgen.models.sampling import decode, draw_latents, prior_codes, sample_images
 from medgen.outputs import atomic_write_json, check_output_dir, staged_dir
 from medgen.runtime import resolve_device
 from medgen.viz import save_montage
@@ -158,7 +158,7 @@ def write_synthetic(
     labels = split_labels(n, class_indices(classes, class_names))
     dev = resolve_device(device) if isinstance(device, str) else device
     batch_size = max(1, int(batch_size))
-    z = draw_latents(len(labels), model.latent_dim, seed)  # [N, latent_dim], same stream as sample_images
+    z = prior_codes(model, draw_latents(len(labels), model.latent_dim, seed), labels)  # [N, L], as sample_images
     probe = decode(model, z[:1], labels[:1], device=dev)
     if probe.ndim != 5:
         raise MedgenError(f"checkpoint {meta['path']} produces {probe.ndim - 2}D images; synth writes 3D volumes")

@@ -78,6 +78,34 @@ class Montage:
                      reference_labels=self.reference_labels)
 
 
+@dataclass
+class SamplePrior:
+    """Fits the fitted code prior (`sample_prior: fitted`) of the raw and of the EMA model to their own codes of the
+    training volumes (vae: the posterior means; alpha-gan: E(x)), before each montage and checkpoint, so what is
+    sampled or saved samples where the current codes lie. A no-op for models without one."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int = 16
+
+    def __call__(self, state: TrainState) -> None:
+        for model in {id(m): m for m in (state.model, state.infer_model)}.values():
+            model = getattr(model, "module", model)  # a DistributedDataParallel wrapper: its module
+            prior = getattr(model, "code_prior", None)
+            if prior is None:
+                continue
+            was_training = model.training
+            model.eval()
+            codes = []
+            with torch.no_grad():
+                for i in range(0, len(self.labels), self.batch_size):
+                    x = self.images[i : i + self.batch_size].to(state.device)
+                    out = model.encode(x, self.labels[i : i + self.batch_size].to(state.device))
+                    codes.append((out[0] if isinstance(out, tuple) else out).float().cpu())  # vae: (mu, logvar)
+            model.train(was_training)
+            prior.fit(torch.cat(codes), self.labels)
+
+
 def reference_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, list[int]]:
     """The first image of each class present (the real reference row of the montages): ([K, C, *S], labels)."""
     picks = [int(torch.nonzero(labels == k)[0]) for k in range(num_classes) if bool((labels == k).any())]

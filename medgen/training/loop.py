@@ -48,6 +48,7 @@ from medgen.training.hooks import (
     TENSORBOARD_DIR,
     LossCurve,
     Montage,
+    SamplePrior,
     TensorBoard,
     Validation,
     reference_images,
@@ -207,6 +208,7 @@ def fit(
     validation = Validation(validate, validate_every, select_metric) if validate is not None else None
     ref, ref_labels = reference_images(data.images, data.labels, len(data.class_names))
     montage = Montage(train.sample_every, data.class_names, model_name, ref, ref_labels)
+    sample_prior = SamplePrior(data.images, data.labels)
     curves = LossCurve(train.sample_every or train.checkpoint_every, model_name)
     t0, stopped_by_time = time.perf_counter(), False
 
@@ -233,13 +235,16 @@ def fit(
                     run.append_log(history[-1], history)
                     if tensorboard is not None:
                         tensorboard.scalars(history[-1])
+                save = bool(train.checkpoint_every and it % train.checkpoint_every == 0) or done
+                if save or montage.due(it, done):
+                    sample_prior(state)
                 if montage.due(it, done):
                     montage(state, run)
                     if tensorboard is not None:
                         tensorboard.image(run.montage_path(it), it)
                 if curves.due(it, done):
                     curves(run, history)
-                if (train.checkpoint_every and it % train.checkpoint_every == 0) or done:
+                if save:
                     state.check_finite_weights(run.good_checkpoint)  # never write or name good NaN weights
                     run.save_last(checkpoint())
                 progress.update(it, values, final=done)

@@ -116,3 +116,24 @@ def test_sampled_noise_follows_the_latent_not_the_batching():
     noisy = decode(model, z, [0, 0])
     assert (noisy - mean).abs().max() > 1e-3  # the volumes carry the noise
     torch.testing.assert_close(decode(model, z, [0, 0]), noisy)  # and the same latent the same noise
+
+
+def test_vae_noise_follows_the_residual_noise_level():
+    from medgen.training.steps.vae import finest_diagonal, fit_noise
+
+    g = Generator(spatial_dims=3, num_classes=3, image_size=16, base_width=4, latent_dim=8, noise=True)
+    gen = torch.Generator().manual_seed(0)
+    recon = torch.full((4, 1, 16, 16, 16), 0.5)  # noise scale (1 + 0.5) / 2 = 0.75
+    smooth = torch.linspace(-0.2, 0.2, 16).view(1, 1, 16, 1, 1)  # a smooth misfit the estimate ignores
+    x = recon + smooth + 0.75 * 0.05 * torch.randn(recon.shape, generator=gen)
+    for _ in range(200):
+        sd = fit_noise(g, recon, x)
+    assert abs(float(sd) - 0.05) < 0.005
+    assert finest_diagonal(smooth.expand(1, 1, 16, 16, 16)).abs().max() < 1e-5
+    background = torch.full_like(recon, -1.0)  # nothing to estimate from: the sd stays
+    assert float(fit_noise(g, background, background)) == pytest.approx(float(sd))
+
+
+def test_vae_trains_with_observation_noise(tiny_fit):
+    state = tiny_fit("vae", base_width=4, latent_dim=8, noise=True)
+    assert torch.isfinite(state["decoder.log_noise"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medgen import losses
@@ -72,4 +73,41 @@ class VAEStep(Step):
         kl = losses.kl_divergence(out.mu, out.logvar, per_element=self.kl_per_element)
         loss = rec + self.beta_at(ctx) * kl
         ctx.backward_step(loss, opt["vae"], "vae")
-        return {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}
+        values = {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}
+        if model.decoder.observation_noise:
+            values["noise_sd"] = fit_noise(model.decoder, out.recon.detach().float(), batch.images.float())
+        return values
+
+
+def finest_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """The finest-scale diagonal Haar coefficients of x [B, C, *S] (2^d blocks, alternating signs, orthonormal):
+    [B, C, *S / 2]. White noise of sd s gives coefficients of sd s; smooth anatomy gives about none."""
+    d = x.ndim - 2
+    kernel = torch.ones((2,) * d, dtype=x.dtype, device=x.device)
+    for axis in range(d):
+        index = [slice(None)] * d
+        index[axis] = 1
+        kernel[tuple(index)] *= -1
+    kernel = (kernel / 2 ** (d / 2)).expand(x.shape[1], 1, *kernel.shape)  # one filter per channel
+    conv = F.conv3d if d == 3 else F.conv2d
+    even = x[(slice(None), slice(None), *[slice(0, n - n % 2) for n in x.shape[2:]])]
+    return conv(even, kernel, stride=2, groups=x.shape[1])
+
+
+def fit_noise(decoder: nn.Module, recon: torch.Tensor, x: torch.Tensor, rate: float = 0.05) -> torch.Tensor:
+    """Move the decoder's observation noise sd towards this batch's estimate (an exponential average of log sd
+    at `rate`; no gradient) and return the new sd.
+
+    The estimate is Donoho's robust noise level: the median absolute finest-scale diagonal Haar coefficient of
+    the residual x - recon, over the noise scale (1 + recon) / 2, divided by 0.6745, on the blocks where that
+    scale averages above 0.5 (tissue; the background is left out). The finest diagonal detail is where voxel
+    noise dominates and the smooth misfit of the anatomy is small.
+    """
+    scale = F.avg_pool3d((1 + recon) / 2, 2) if recon.ndim == 5 else F.avg_pool2d((1 + recon) / 2, 2)
+    coef = finest_diagonal(x - recon)
+    keep = scale > 0.5
+    with torch.no_grad():
+        if bool(keep.any()):
+            estimate = ((coef[keep] / scale[keep]).abs().median() / 0.6745).clamp_min(1e-6)
+            decoder.log_noise.lerp_(estimate.log().to(decoder.log_noise.dtype), rate)
+        return decoder.log_noise.exp().detach()
