@@ -137,3 +137,32 @@ def test_vae_noise_follows_the_residual_noise_level():
 def test_vae_trains_with_observation_noise(tiny_fit):
     state = tiny_fit("vae", base_width=4, latent_dim=8, noise=True)
     assert torch.isfinite(state["decoder.log_noise"])
+
+
+def test_alpha_gan_maps_learn_from_the_reconstruction_alone():
+    from types import SimpleNamespace
+
+    from medgen.training.steps.alpha_gan import AlphaGANStep
+
+    g = Generator(spatial_dims=3, num_classes=3, image_size=16, base_width=4, latent_dim=8, output="warp",
+                  class_offset=True).train()
+    z, y = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), torch.arange(4) % 3
+    target = torch.rand(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+    def terms():
+        out = g(z, y)
+        return (out - target).abs().mean(), (out[:, :, ::2] * 3.0).mean()  # "L1" and a stand-in critic term
+
+    l1, _ = terms()
+    want = torch.autograd.grad(l1, [g.template, g.offset.weight, g.stages[0][-1].conv.weight])
+    l1, adv = terms()
+    full = torch.autograd.grad(l1 + adv, [g.stages[0][-1].conv.weight])[0]
+    l1, adv = terms()
+    hooks = AlphaGANStep._reconstruction_only(g, l1, SimpleNamespace(scalers={}))
+    (l1 + adv).backward()
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(g.template.grad, want[0])
+    torch.testing.assert_close(g.offset.weight.grad, want[1])
+    torch.testing.assert_close(g.stages[0][-1].conv.weight.grad, full)  # the weights still see every term
+    assert not torch.allclose(full, want[2])

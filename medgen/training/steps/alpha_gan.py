@@ -39,6 +39,10 @@ class AlphaGANStep(Step):
         beta1: Adam beta1.
         beta2: Adam beta2.
         d_lr_scale: critics' learning rate = lr * d_lr_scale.
+        maps_from_reconstruction: the generator's full-resolution free maps (the warp output's template, the
+            class offset) learn from the L1 term alone. Why: a map is one parameter per voxel, with no
+            convolution between it and the critic, so the critic's high-frequency gradients print straight
+            into it as speckle and checkerboards; the fields and weights still learn from every term.
     """
 
     variant: str = "wgan-gp"
@@ -48,6 +52,7 @@ class AlphaGANStep(Step):
     beta1: float = 0.5
     beta2: float = 0.9
     d_lr_scale: float = 1.0
+    maps_from_reconstruction: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -64,6 +69,19 @@ class AlphaGANStep(Step):
             "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=d_lr, betas=betas),
             "code_discriminator": torch.optim.Adam(model.code_discriminator.parameters(), lr=d_lr, betas=betas),
         }
+
+    @staticmethod
+    def _reconstruction_only(G: nn.Module, l1_term: torch.Tensor, ctx: StepContext) -> list:
+        """Hooks that replace the gradient of G's free maps by that of the L1 term (scaled like the loss under
+        fp16); remove them after the backward pass."""
+        maps = [p for p in (getattr(G, "template", None), getattr(G.offset, "weight", None)) if p is not None]
+        if not maps:
+            return []
+        grads = torch.autograd.grad(l1_term, maps, retain_graph=True, allow_unused=True)
+        scaler = ctx.scalers.get("encoder_generator")
+        factor = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        return [p.register_hook(lambda _, g=g, p=p: (torch.zeros_like(p) if g is None else g * factor))
+                for p, g in zip(maps, grads)]
 
     def _gen_loss(self, score: torch.Tensor) -> torch.Tensor:
         return losses.wgan_generator_loss(score) if self.variant == "wgan-gp" else losses.bce_generator_loss(score)
@@ -100,7 +118,10 @@ class AlphaGANStep(Step):
             adv = self._gen_loss(both_score)  # mean over reconstructions and prior samples
             code_adv = self._gen_loss(code_score)
             eg_loss = self.l1_weight * l1 + 2.0 * adv + self.code_weight * code_adv
+            hooks = self._reconstruction_only(G, self.l1_weight * l1, ctx) if self.maps_from_reconstruction else []
             ctx.backward_step(eg_loss, opt["encoder_generator"], "encoder_generator")
+            for hook in hooks:
+                hook.remove()
 
         # 2. image critic: x against [recon; prior]
         fakes = both.detach().to(x.dtype)
