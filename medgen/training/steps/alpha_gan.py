@@ -81,7 +81,7 @@ class AlphaGANStep(Step):
         scaler = ctx.scalers.get("encoder_generator")
         factor = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         return [p.register_hook(lambda _, g=g, p=p: (torch.zeros_like(p) if g is None else g * factor))
-                for p, g in zip(maps, grads)]
+                for p, g in zip(maps, grads, strict=True)]
 
     def _gen_loss(self, score: torch.Tensor) -> torch.Tensor:
         return losses.wgan_generator_loss(score) if self.variant == "wgan-gp" else losses.bce_generator_loss(score)
