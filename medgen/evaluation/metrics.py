@@ -36,6 +36,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from medgen.data.anatomy import load_atlas
 from medgen.errors import MedgenError
 from medgen.geometry import mni_voxel_affine
+from medgen.models.blocks import checkerboard_coefficients
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)  # the first three MONAI/Wang et al. scales, renormalised below
 
@@ -174,16 +175,7 @@ def texture_features(images: torch.Tensor) -> np.ndarray:
     pool = F.avg_pool3d if dims == 3 else F.avg_pool2d
     blur = pool(x, 3, stride=1, padding=1, count_include_pad=False)
     hf = (x - blur).abs().reshape(n, -1).mean(1)
-    even = tuple(s - s % 2 for s in x.shape[2:])
-    xe = x[(slice(None), slice(None), *[slice(0, e) for e in even])]
-    sign = torch.ones((2,) * dims)
-    for d in range(dims):
-        shape = [1] * dims
-        shape[d] = 2
-        sign = sign * torch.tensor([1.0, -1.0]).reshape(shape)
-    weight = sign.reshape(1, 1, *sign.shape) / 2**dims
-    conv = F.conv3d if dims == 3 else F.conv2d
-    checker = conv(xe, weight, stride=2).abs().reshape(n, -1).mean(1)
+    checker = checkerboard_coefficients(x, 2**dims).abs().reshape(n, -1).mean(1)
     return torch.cat([hist, hf[:, None], checker[:, None]], dim=1).double().numpy()
 
 

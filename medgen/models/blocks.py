@@ -113,6 +113,25 @@ def embed_labels(embedding: nn.Embedding, labels: torch.Tensor) -> torch.Tensor:
     return embedding(labels)
 
 
+def checkerboard_coefficients(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """Finest-scale diagonal Haar coefficients of x [B, C, *S]: each 2^d block (the even crop) summed with
+    alternating (checkerboard) signs and divided by `divisor`, per channel -> [B, C, *S / 2].
+
+    divisor 2^(d/2) makes the filter orthonormal (white noise of sd s gives coefficients of sd s); 2^d gives the
+    signed block mean. Smooth images give about none.
+    """
+    d = x.ndim - 2
+    kernel = torch.ones((2,) * d, dtype=x.dtype, device=x.device)
+    for axis in range(d):
+        index = [slice(None)] * d
+        index[axis] = 1
+        kernel[tuple(index)] *= -1
+    kernel = (kernel / divisor).expand(x.shape[1], 1, *kernel.shape)  # one filter per channel
+    conv = nn.functional.conv3d if d == 3 else nn.functional.conv2d
+    even = x[(slice(None), slice(None), *[slice(0, n - n % 2) for n in x.shape[2:]])]
+    return conv(even, kernel, stride=2, groups=x.shape[1])
+
+
 SAMPLE_PRIORS = ("standard", "fitted")
 
 

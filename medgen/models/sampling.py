@@ -23,15 +23,21 @@ def draw_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(n, int(latent_dim), generator=torch.Generator().manual_seed(int(seed)))
 
 
+def as_labels(labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Class indices [N] as int64, or class weights [N, K] kept as they are (soft conditions)."""
+    labels = torch.as_tensor(labels)
+    if not (labels.is_floating_point() and labels.ndim == 2):
+        labels = labels.to(torch.int64).reshape(-1)
+    return labels
+
+
 def prior_codes(model: nn.Module, z: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """The codes to decode for standard normal draws z [N, latent_dim]: z itself, or z mapped by the model's fitted
     code prior (`sample_prior: fitted`) to where its training codes lie."""
     prior = getattr(model, "code_prior", None)
     if prior is None:
         return z
-    labels = torch.as_tensor(labels)
-    if not (labels.is_floating_point() and labels.ndim == 2):
-        labels = labels.to(torch.int64).reshape(-1)
+    labels = as_labels(labels)
     with torch.no_grad():  # the draws stay on the CPU (device-independent samples); the model may be on a GPU
         return gaussian_codes(prior.loc.detach().cpu(), prior.tril.detach().cpu(), z.cpu(), labels.cpu())
 
@@ -63,9 +69,7 @@ def decode(
     """
     if not can_sample(model):
         raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
-    labels = torch.as_tensor(labels)
-    if not (labels.is_floating_point() and labels.ndim == 2):  # [N, K] class weights stay soft conditions
-        labels = labels.to(torch.int64).reshape(-1)
+    labels = as_labels(labels)
     if labels.shape[0] == 0:
         raise MedgenError("no labels to sample")
     dev = torch.device(device) if not isinstance(device, torch.device) else device
@@ -74,16 +78,16 @@ def decode(
     model.to(dev)
     chunks = []
     ctx = precision.autocast if precision is not None else _null
-    noisy = bool(getattr(model, "observation_noise", False))
+    shape = None  # with observation noise: the image shape, from the mean of the first row (once)
     with torch.no_grad():
+        if getattr(model, "observation_noise", False):
+            with ctx():
+                shape = model.sample(z[:1].to(dev), labels[:1].to(dev)).shape[1:]
         for i in range(0, labels.shape[0], max(1, batch_size)):
             zi, yi = z[i : i + batch_size].to(dev), labels[i : i + batch_size].to(dev)
+            noise = None if shape is None else latent_noise(z[i : i + batch_size], shape).to(dev)  # the latents' own
             with ctx():
-                if noisy:  # the image shape from the mean of the first row, then the latents' own noise
-                    shape = model.sample(zi[:1], yi[:1]).shape[1:]
-                    x = model.sample(zi, yi, noise=latent_noise(z[i : i + batch_size], shape).to(dev))
-                else:
-                    x = model.sample(zi, yi)
+                x = model.sample(zi, yi) if noise is None else model.sample(zi, yi, noise=noise)
             chunks.append(x.float().cpu())
     model.train(was_training)
     return torch.cat(chunks).clamp_(-1.0, 1.0)

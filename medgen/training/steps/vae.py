@@ -11,6 +11,7 @@ from torch import nn
 from medgen import losses
 from medgen.data.augmentation import add_noise
 from medgen.errors import MedgenError
+from medgen.models.blocks import checkerboard_coefficients
 from medgen.models.vae import VAE
 from medgen.training.steps.base import Batch, Step, StepContext, register_step
 
@@ -79,21 +80,6 @@ class VAEStep(Step):
         return values
 
 
-def finest_diagonal(x: torch.Tensor) -> torch.Tensor:
-    """The finest-scale diagonal Haar coefficients of x [B, C, *S] (2^d blocks, alternating signs, orthonormal):
-    [B, C, *S / 2]. White noise of sd s gives coefficients of sd s; smooth anatomy gives about none."""
-    d = x.ndim - 2
-    kernel = torch.ones((2,) * d, dtype=x.dtype, device=x.device)
-    for axis in range(d):
-        index = [slice(None)] * d
-        index[axis] = 1
-        kernel[tuple(index)] *= -1
-    kernel = (kernel / 2 ** (d / 2)).expand(x.shape[1], 1, *kernel.shape)  # one filter per channel
-    conv = F.conv3d if d == 3 else F.conv2d
-    even = x[(slice(None), slice(None), *[slice(0, n - n % 2) for n in x.shape[2:]])]
-    return conv(even, kernel, stride=2, groups=x.shape[1])
-
-
 def fit_noise(decoder: nn.Module, recon: torch.Tensor, x: torch.Tensor, rate: float = 0.05) -> torch.Tensor:
     """Move the decoder's observation noise sd towards this batch's estimate (an exponential average of log sd
     at `rate`; no gradient) and return the new sd.
@@ -104,7 +90,7 @@ def fit_noise(decoder: nn.Module, recon: torch.Tensor, x: torch.Tensor, rate: fl
     noise dominates and the smooth misfit of the anatomy is small.
     """
     scale = F.avg_pool3d((1 + recon) / 2, 2) if recon.ndim == 5 else F.avg_pool2d((1 + recon) / 2, 2)
-    coef = finest_diagonal(x - recon)
+    coef = checkerboard_coefficients(x - recon, 2 ** ((x.ndim - 2) / 2))  # orthonormal: noise sd kept
     keep = scale > 0.5
     with torch.no_grad():
         if bool(keep.any()):
