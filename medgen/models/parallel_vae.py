@@ -336,6 +336,11 @@ class ParallelVAE(nn.Module):
         slot_init: "learned" (one start per slot) or "random" (one learned Gaussian for all slots).
         slot_detach: gradients through the slot encoder's last round only (straight through to the starts).
         decoder_shared: broadcast decoders share one set of weights (each slot still has its own latent head).
+        appearance_size: 0: each decoder draws a full-resolution image. a >= 1 (image_size / 2**j): decoder k's
+            image is a linear map of z_k to an a^d grid of colours, resized linearly to the image (a = 1: one
+            colour per decoder and image), and its decoder draws only the confidence logits. All spatial detail
+            then lives in the masks, so the mixture can only explain the input by splitting it into regions of
+            one colour each (objects, tissue classes) instead of one decoder redrawing everything.
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
@@ -344,9 +349,12 @@ class ParallelVAE(nn.Module):
                  decoder_layers: int = 4, broadcast_size: int = 0, broadcast_grow: str = "conv",
                  encoder: str = "conv", slot_size: int = 64, slot_feature_size: int = 0,
                  slot_iterations: int = 3, slot_init: str = "learned", slot_detach: bool = False,
-                 decoder_shared: bool = False) -> None:
+                 decoder_shared: bool = False, appearance_size: int = 0) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
+        if appearance_size < 0 or (appearance_size and halvings(image_size, appearance_size) is None):
+            raise MedgenError(f"{what}: appearance_size must be 0 (full-resolution decoder images) or image_size / "
+                              f"2**j, got {appearance_size} for image_size {image_size}")
         if spatial_dims not in (2, 3):
             raise MedgenError(f"{what}: spatial_dims must be 2 or 3, got {spatial_dims}")
         for key, value in (("in_channels", in_channels), ("num_decoders", num_decoders),
@@ -378,14 +386,24 @@ class ParallelVAE(nn.Module):
             features = self.encoder.out_channels * BOTTLENECK**spatial_dims
             self.heads = nn.Linear(features, num_decoders * 2 * latent_per_decoder)  # all K latent heads in one matmul
         self.decoder_kind = decoder
+        self.appearance_size = appearance_size
+        # with an appearance head the decoders draw only the logits
+        drawn = 1 if appearance_size else in_channels + 1
+        if appearance_size:
+            grid = in_channels * appearance_size**spatial_dims
+            self.appearance_weight = nn.Parameter(torch.randn(num_decoders, latent_per_decoder, grid)
+                                                  / latent_per_decoder**0.5 * 0.1)
+            # decoders start with colours spread evenly over [-0.9, 0.9]: distinct components, as k-means seeds
+            spread = torch.atanh(torch.linspace(-0.9, 0.9, num_decoders)) if num_decoders > 1 else torch.zeros(1)
+            self.appearance_bias = nn.Parameter(spread[:, None].repeat(1, grid))
         if decoder == "broadcast":
             self.decoders: nn.Module = BroadcastDecoderBank(
-                spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
+                spatial_dims=spatial_dims, out_channels=drawn, image_size=image_size,
                 width=decoder_width or 2 * base_width, num_decoders=num_decoders,
                 latent_per_decoder=latent_per_decoder, broadcast_size=broadcast_size or image_size,
                 layers=decoder_layers, grow=broadcast_grow, shared=decoder_shared)
         else:
-            self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=in_channels + 1, image_size=image_size,
+            self.decoders = DecoderBank(spatial_dims=spatial_dims, out_channels=drawn, image_size=image_size,
                                         base_width=base_width, num_decoders=num_decoders,
                                         latent_per_decoder=latent_per_decoder, upsample=upsample)
 
@@ -409,11 +427,30 @@ class ParallelVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents [B, K, L] -> (recon [B,C,*S], images [B,K,C,*S], logits [B,K,1,*S], weights [B,K,1,*S])."""
         out = self.decoders(z)
-        images = torch.tanh(out[:, :, : self.in_channels])
-        logits = out[:, :, self.in_channels :]
+        if self.appearance_size:
+            images, logits = self.appearance(z).to(out.dtype), out
+        else:
+            images, logits = torch.tanh(out[:, :, : self.in_channels]), out[:, :, self.in_channels :]
         weights = torch.softmax(logits.float(), dim=1).to(images.dtype)
         recon = (weights * images).sum(dim=1)
         return recon, images, logits, weights
+
+    def appearance(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [B, K, L] -> the decoders' images [B, K, C, *S] from the appearance head (appearance_size > 0)."""
+        b, k, _ = z.shape
+        d, a, size = self.spatial_dims, self.appearance_size, self.image_size
+        grid = torch.einsum("bkl,klf->bkf", z, self.appearance_weight.to(z.dtype)) + self.appearance_bias  # [B, K, F]
+        # [B, K, C * a^d] -> [B * K, C, a, ...]
+        grid = torch.tanh(grid).reshape(b * k, self.in_channels, *(a,) * d)
+        if a == size:
+            images = grid
+        elif a == 1:
+            images = grid.expand(b * k, self.in_channels, *(size,) * d)
+        else:
+            mode = "bilinear" if d == 2 else "trilinear"
+            images = nn.functional.interpolate(grid, size=(size,) * d, mode=mode, align_corners=False)
+        # [B * K, C, *S] -> [B, K, C, *S]
+        return images.reshape(b, k, self.in_channels, *images.shape[2:])
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None, slot_noise: torch.Tensor | None = None) -> ParallelVAEOutput:

@@ -105,3 +105,15 @@ def test_colour_baselines_recover_flat_coloured_regions():
             assert adjusted_rand_score(truth[i].ravel(), pred[i].ravel()) == pytest.approx(1.0)
     flat = colour_clusters(np.zeros((1, 1, 4, 4, 4)), 3)  # one colour: one group, no error
     assert flat.shape == (1, 4, 4, 4) and len(np.unique(flat)) == 1
+
+
+def test_colour_baseline_ids_follow_brightness_so_a_pooled_dice_can_match_them():
+    # the same three intensity classes in two volumes, laid out differently: the ids must agree across volumes
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, size=(2, 8, 8, 8))
+    img = np.array([-0.8, 0.0, 0.8])[truth][:, None] + 0.01 * rng.normal(size=(2, 1, 8, 8, 8))
+    for method in ("kmeans", "gmm"):
+        pred = colour_clusters(img, 3, method=method, seed=0)
+        assert np.array_equal(pred, truth)  # darkest group 0, brightest 2, in every volume
+        dice = tissue_dice(torch.as_tensor(pred), torch.as_tensor(truth + 1), 3)
+        assert min(dice["dice"].values()) == pytest.approx(1.0)

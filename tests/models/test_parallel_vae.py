@@ -349,3 +349,58 @@ def test_training_with_random_slots_and_a_shared_decoder_learns():
     losses = [h["recon"] for h in _run_steps(model, step, x, lr=3e-3, iterations=50)]
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])  # MSE: 0.13 -> 0.08 in 50 steps
+
+
+@pytest.mark.parametrize("dims,size", [(2, 1), (2, 4), (3, 1), (3, 16)])
+def test_appearance_head_draws_coarse_images_and_the_decoders_only_masks(dims, size):
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=dims, in_channels=2, image_size=16, num_decoders=3,
+                         latent_per_decoder=4, base_width=4, appearance_size=size).eval()
+    x = torch.rand(2, 2, *(16,) * dims) * 2 - 1
+    out = model(x)
+    assert out.images.shape == (2, 3, 2, *(16,) * dims)
+    assert out.logits.shape == (2, 3, 1, *(16,) * dims)
+    assert torch.allclose(out.weights.sum(dim=1), torch.ones(1), atol=1e-6)
+    if size == 1:  # one colour per decoder and image
+        flat = out.images.flatten(3)
+        assert torch.allclose(flat, flat[..., :1].expand_as(flat))
+    # decoders start with distinct colours spread over [-0.9, 0.9]
+    zero = model.appearance(torch.zeros(1, 3, 4))
+    assert torch.allclose(zero.flatten(2)[0, :, 0], torch.tensor([-0.9, 0.0, 0.9]), atol=1e-5)
+    # decoder 0's latent moves decoder 0's colour only
+    z = out.mu.clone()
+    z[:, 0] += 1.0
+    _, images, _, _ = model.decode(z)
+    assert not torch.allclose(images[:, 0], out.images[:, 0])
+    assert torch.allclose(images[:, 1:], out.images[:, 1:], atol=1e-6)
+    out.recon.pow(2).mean().backward()
+    assert model.appearance_weight.grad is not None and model.appearance_weight.grad.abs().sum() > 0
+
+
+def test_appearance_size_refused_unless_a_halving_of_the_image():
+    with pytest.raises(MedgenError, match="appearance_size"):
+        create_model("parallel-vae", image_size=16, appearance_size=3)
+    with pytest.raises(MedgenError, match="appearance_size"):
+        create_model("parallel-vae", image_size=16, appearance_size=-1)
+    assert create_model("parallel-vae", image_size=16, appearance_size=0).appearance_size == 0
+
+
+def test_mixture_with_one_colour_per_decoder_splits_a_volume_by_intensity():
+    # three intensity classes in random blobs: the decoders' colours must settle near the class intensities
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    field = torch.nn.functional.avg_pool3d(torch.rand(8, 1, 16, 16, 16, generator=gen), 5, 1, 2)
+    q = torch.quantile(field.flatten(), torch.tensor([1 / 3, 2 / 3]))
+    truth = (field > q[0]).long() + (field > q[1]).long()  # [8, 1, 16, 16, 16] in {0, 1, 2}
+    x = torch.tensor([-0.5, 0.2, 0.6])[truth] + 0.05 * torch.randn(truth.shape, generator=gen)
+    model = create_model("parallel-vae", spatial_dims=3, in_channels=1, image_size=16, num_decoders=3,
+                         latent_per_decoder=8, base_width=4, appearance_size=1)
+    step = create_step("parallel-vae", likelihood="mixture", sigma=0.1, kl_start=0.0, kl_end=0.001,
+                       individual_multiplier=1.0, individual_exponent=1.0)
+    _run_steps(model, step, x, lr=3e-3, iterations=100)
+    model.eval()
+    with torch.no_grad():
+        colours = model(x).images[..., 0, 0, 0].squeeze(-1)  # [8, K]
+    # every class intensity has a decoder colour close to it
+    for level in (-0.5, 0.2, 0.6):  # 0.2-0.4 from the starting colours -0.9, 0, 0.9
+        assert (colours - level).abs().min(dim=1).values.max() < 0.15
