@@ -26,7 +26,7 @@ import yaml
 
 from medgen.errors import MedgenError, describe_os_error
 
-PRESETS = ("smoke", "quick", "fidelity", "paper", "scenes", "scenes-reference")
+PRESETS = ("smoke", "quick", "fidelity", "paper", "scenes", "scenes-reference", "tissue")
 PRECISION_NAMES = ("auto", "fp32", "tf32", "bf16", "fp16")
 IMAGE_SIZES = (16, 32, 64, 128, 256)  # 4 * 2**n: the encoder/decoder trunks halve/double to 4 voxels
 MAX_SEED = 2**32 - 1

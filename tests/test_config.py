@@ -84,3 +84,16 @@ def test_scene_presets_build_their_model_and_step(name):
     step = create_step("parallel-vae", **cfg.steps.get("parallel-vae", {}))
     assert model.num_decoders >= 5
     assert step.kl_end >= step.kl_start
+
+
+def test_tissue_preset_builds_a_3d_model_with_one_intensity_per_decoder():
+    from medgen.models import create_model
+    from medgen.training.steps import create_step
+
+    cfg = load_config("tissue")
+    assert cfg.data.size == 32
+    model = create_model("parallel-vae", **cfg.models["parallel-vae"], spatial_dims=3, in_channels=1,
+                         image_size=cfg.data.size)
+    step = create_step("parallel-vae", **cfg.steps["parallel-vae"])
+    assert model.num_decoders == 4 and model.appearance_size == 1  # background, CSF, GM, WM
+    assert step.likelihood == "mixture"
