@@ -53,6 +53,11 @@ class ParallelVAEOutput:
     logvar: torch.Tensor
 
 
+def per_decoder_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Decoder k's own linear map applied to its row: x [B, K, I], weight [K, I, O], bias [K, O] -> [B, K, O]."""
+    return torch.einsum("bki,kio->bko", x, weight.to(x.dtype)) + bias
+
+
 class DecoderBank(nn.Module):
     """K independent decoders run together: latents [B, K, L] -> per-decoder outputs [B, K, C+1, *S].
 
@@ -76,7 +81,7 @@ class DecoderBank(nn.Module):
         self.spatial_dims, self.k, self.out_channels = spatial_dims, k, out_channels
         self.top = stage_channels(base_width, n)
         features = self.top * BOTTLENECK**spatial_dims
-        # one linear map per decoder: weight [K, L, F] applied with einsum
+        # one linear map per decoder: weight [K, L, F] (per_decoder_linear)
         self.fc_weight = nn.Parameter(torch.randn(k, latent_per_decoder, features) / latent_per_decoder**0.5)
         self.fc_bias = nn.Parameter(torch.zeros(k, features))
         layers: list[nn.Module] = [nn.ReLU()]
@@ -95,7 +100,7 @@ class DecoderBank(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         b = z.shape[0]
-        h = torch.einsum("bkl,klf->bkf", z, self.fc_weight) + self.fc_bias  # [B, K, F]
+        h = per_decoder_linear(z, self.fc_weight, self.fc_bias)  # [B, K, F]
         # [B, K, F] -> [B, K * top, 4, ...] (decoder k owns channel group k)
         h = h.reshape(b, self.k * self.top, *(BOTTLENECK,) * self.spatial_dims)
         out = self.net(h)
@@ -255,7 +260,7 @@ class SlotEncoder(nn.Module):
             self.register_buffer("inference_noise", torch.randn(num_slots, dim))  # the fixed draws without noise
         else:
             self.slots_init = nn.Parameter(torch.randn(num_slots, dim) * dim**-0.5)  # one start per decoder
-        # one latent head per slot: weight [K, D, 2L] applied with einsum
+        # one latent head per slot: weight [K, D, 2L] (per_decoder_linear)
         self.head_weight = nn.Parameter(torch.randn(num_slots, dim, 2 * latent_per_decoder) * dim**-0.5 * 0.1)
         self.head_bias = nn.Parameter(torch.zeros(num_slots, 2 * latent_per_decoder))
 
@@ -303,7 +308,7 @@ class SlotEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         slots, _ = self.attend(x, noise)
-        stats = torch.einsum("bkd,kdf->bkf", slots, self.head_weight.to(slots.dtype)) + self.head_bias  # [B, K, 2L]
+        stats = per_decoder_linear(slots, self.head_weight, self.head_bias)  # [B, K, 2L]
         return stats[..., : self.latent], stats[..., self.latent :]
 
 
@@ -439,7 +444,7 @@ class ParallelVAE(nn.Module):
         """Latents [B, K, L] -> the decoders' images [B, K, C, *S] from the appearance head (appearance_size > 0)."""
         b, k, _ = z.shape
         d, a, size = self.spatial_dims, self.appearance_size, self.image_size
-        grid = torch.einsum("bkl,klf->bkf", z, self.appearance_weight.to(z.dtype)) + self.appearance_bias  # [B, K, F]
+        grid = per_decoder_linear(z, self.appearance_weight, self.appearance_bias)  # [B, K, F]
         # [B, K, C * a^d] -> [B * K, C, a, ...]
         grid = torch.tanh(grid).reshape(b * k, self.in_channels, *(a,) * d)
         if a == size:
