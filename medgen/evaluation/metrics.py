@@ -209,6 +209,9 @@ class FeatureSpace:
         self.tex_mean = tex.mean(0)
         self.tex_sd = np.where(tex.std(0) > 1e-8, tex.std(0), 1.0)
         self.dim = n_comp + tex.shape[1]
+        # which columns measure what (the two-sample AUC per group says what gives a synthetic set away)
+        self.groups = {"anatomy": slice(0, n_comp), "histogram": slice(n_comp, n_comp + HISTOGRAM_BINS),
+                       "texture": slice(n_comp + HISTOGRAM_BINS, self.dim)}
         self.description = (f"{n_comp} whitened PCA components (fit on the real volumes) of voxels averaged in "
                             f"blocks to 16 per side, plus a {HISTOGRAM_BINS}-bin intensity histogram and two "
                             f"high-frequency energies standardised on the real volumes ({self.dim} features)")

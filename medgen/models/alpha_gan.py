@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medgen.models.blocks import embed_labels, fitted_prior
+from medgen.models.blocks import embed_labels, fitted_intensities, fitted_prior
 from medgen.models.networks import CodeDiscriminator, Encoder, check_common, generator_and_critic
 from medgen.models.registry import register_model
 
@@ -54,6 +54,8 @@ class AlphaGAN(nn.Module):
         max_displacement: the warp output's largest displacement (fraction of the half field of view).
         noise: learned observation noise on the generator's output (see Generator).
         sample_prior: "standard" or "fitted" (a per-class Gaussian over the training codes E(x); as the vae's).
+        match_intensities: map samples, voxel by voxel in rank order, onto the class's mean intensity quantile
+            function of the training volumes (fitted by training's SamplePrior hook; see FittedIntensities).
     """
 
     compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
@@ -63,7 +65,8 @@ class AlphaGAN(nn.Module):
                  e_norm: str = "batch", d_norm: str = "layer", code_hidden: int = 256,
                  conditional_encoder: bool = False, class_prior: bool = False, class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
-                 noise: bool = False, sample_prior: str = "standard") -> None:
+                 noise: bool = False, sample_prior: str = "standard",
+                 match_intensities: bool = False) -> None:
         super().__init__()
         check_common("model 'alpha-gan'", spatial_dims=spatial_dims, in_channels=in_channels,
                      num_classes=num_classes, image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -82,6 +85,7 @@ class AlphaGAN(nn.Module):
             max_displacement=max_displacement, noise=noise)
         self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
         self.code_prior = fitted_prior("model 'alpha-gan'", sample_prior, num_classes, latent_dim)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes)
         self.prior = nn.Embedding(num_classes, latent_dim) if class_prior else None  # m_y, zero at the start
         if self.prior is not None:
             nn.init.zeros_(self.prior.weight)

@@ -11,6 +11,7 @@ Channel plan shared by every trunk: at resolution image_size / 2**k (k >= 1) a f
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -190,6 +191,130 @@ def fitted_prior(what: str, sample_prior: str, num_classes: int, latent_dim: int
     if sample_prior not in SAMPLE_PRIORS:
         raise MedgenError(f"{what}: sample_prior must be one of {', '.join(SAMPLE_PRIORS)}, got {sample_prior!r}")
     return FittedCodePrior(num_classes, latent_dim) if sample_prior == "fitted" else None
+
+
+def noise_sd(x: torch.Tensor, threshold: float = float("-inf")) -> torch.Tensor:
+    """Donoho's robust noise estimate per image: median |finest diagonal Haar coefficient| / 0.6745 over the 2^d
+    blocks whose voxels all lie above `threshold` (the foreground); x [B, C, *S] -> [B]."""
+    d = x.ndim - 2
+    coef = checkerboard_coefficients(x.float(), 2 ** (d / 2)).abs()  # [B, C, *S / 2]; white noise of sd s: sd s
+    pool = nn.functional.max_pool3d if d == 3 else nn.functional.max_pool2d
+    even = x.float()[(slice(None), slice(None), *[slice(0, n - n % 2) for n in x.shape[2:]])]
+    inside = -pool(-even, 2) > threshold  # [B, C, *S / 2]: the block's darkest voxel is foreground
+    out = []
+    for c, m in zip(coef, inside, strict=True):
+        values = c[m] if bool(m.any()) else c.flatten()
+        out.append(values.median() / 0.6745)
+    return torch.stack(out)
+
+
+def content_generator(x: torch.Tensor) -> torch.Generator:
+    """A CPU generator seeded by the bytes of x: the same image gets the same draws, whatever the batching."""
+    digest = hashlib.blake2b(x.detach().float().cpu().numpy().tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+class FittedIntensities(nn.Module):
+    """Per-class intensity distribution and noise level of the training volumes, to map samples onto.
+
+    Why: a generator trained for a fixed time draws the anatomy before the intensity histogram and the noise (at
+    64^3 after 30 CPU minutes: too few dark CSF / partial-volume voxels, a soft brain edge, half the real noise),
+    and a real-vs-synthetic test tells the sets apart by those alone; so does a classifier of the class. Each
+    sample is (1) mapped, by rank, onto the class's mean quantile function of the training volumes (histogram
+    matching: the order of the voxels, hence the anatomy, stays), (2) given Gaussian noise in the foreground up
+    to a noise level drawn from the class's training volumes (Donoho's estimate; log-normal), and (3) matched
+    again. Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
+    averaging quantile functions over subjects with different brain sizes does not invent edge intensities no
+    real volume has: voxels below a threshold halfway between the background and the darkest foreground become
+    background, the rest are matched to the mean quantile function of the foreground. Until `fit` runs it is the
+    identity.
+
+    Args:
+        num_classes: K (one quantile function and noise level per class).
+        num_quantiles: points of each quantile function.
+    """
+
+    MIN_BACKGROUND = 0.01  # mean background fraction below which the volumes are matched as a whole
+
+    def __init__(self, num_classes: int, num_quantiles: int = 1024) -> None:
+        super().__init__()
+        k = max(num_classes, 1)
+        self.register_buffer("quantiles", torch.zeros(k, num_quantiles))  # [K, Q] of the foreground
+        self.register_buffer("log_noise", torch.zeros(k, 2))  # [K, (mean, sd)] of the log noise sd
+        self.register_buffer("background", torch.tensor(-1.0))  # the background intensity
+        self.register_buffer("threshold", torch.tensor(-2.0))  # at or below: background (finite: checkpoints)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Fit to images [N, C, *S] with labels [N]: the background (the minimum intensity, when at least 1 % of
+        the voxels hold it on average), the threshold, each class's mean over its volumes of the foreground
+        quantile functions at probabilities (j + 0.5) / Q, and the mean and SD of its log noise levels (a class
+        without volumes: those of all)."""
+        q = self.quantiles.shape[1]
+        probs = (torch.arange(q, dtype=torch.float64) + 0.5) / q
+        flat = [x.detach().double().cpu().flatten() for x in images]
+        low = min(float(v.min()) for v in flat)
+        is_bg = [v <= low + 1e-3 for v in flat]
+        split = float(torch.stack([m.double().mean() for m in is_bg]).mean()) >= self.MIN_BACKGROUND
+        fg = [v[~m] if split and bool((~m).any()) else v for v, m in zip(flat, is_bg, strict=True)]
+        per_volume = torch.stack([torch.quantile(v, probs) for v in fg])  # [N, Q]
+        threshold = (low + float(per_volume[:, 0].mean())) / 2 if split else low - 1.0  # no background: none
+        log_sd = torch.log(noise_sd(images.detach().cpu(), threshold).double().clamp(min=1e-6))  # [N]
+        labels = labels.detach().cpu()
+        for k in range(self.quantiles.shape[0]):
+            rows = (labels == k) if bool((labels == k).any()) else torch.ones_like(labels, dtype=torch.bool)
+            self.quantiles[k] = per_volume[rows].mean(0).to(self.quantiles)
+            spread = log_sd[rows].std() if int(rows.sum()) > 1 else torch.tensor(0.0)
+            self.log_noise[k] = torch.stack([log_sd[rows].mean(), spread]).to(self.log_noise)
+        self.background.fill_(low)
+        self.threshold.fill_(threshold)
+        self.fitted.fill_(True)
+
+    def match(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """x [B, V] mapped by rank onto the quantile functions table [B, Q] (the background apart)."""
+        q = table.shape[1]
+        bg = x <= self.threshold.to(x)  # [B, V]
+        n_bg = bg.sum(1, keepdim=True).to(x.dtype)  # [B, 1]: background voxels sort first
+        n_fg = (x.shape[1] - n_bg).clamp(min=1)
+        ranks = torch.empty_like(x)
+        ranks.scatter_(1, x.argsort(dim=1), torch.arange(x.shape[1], device=x.device, dtype=x.dtype).expand_as(x))
+        pos = ((ranks - n_bg + 0.5) / n_fg * q - 0.5).clamp(0, q - 1)  # foreground rank -> quantile table
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=q - 1)
+        w = pos - lo
+        out = torch.gather(table, 1, lo) * (1 - w) + torch.gather(table, 1, hi) * w
+        return torch.where(bg, self.background.to(out), out)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Images x [B, C, *S] with labels [B] (or class weights [B, K]: the weighted mean quantile function and
+        log noise) -> the same voxel order with the class's intensities and noise; x unchanged before `fit`.
+        The noise is drawn from generators seeded by each image's bytes (same image, same output)."""
+        if not bool(self.fitted):
+            return x
+        table, log_noise = self.quantiles.to(x.device, torch.float32), self.log_noise.to(x.device, torch.float32)
+        if labels.is_floating_point() and labels.ndim == 2:
+            w = labels.to(table)
+            table, log_noise = w @ table, w @ log_noise  # [B, Q], [B, 2]
+        else:
+            table, log_noise = table[labels], log_noise[labels]
+        matched = self.match(x.reshape(x.shape[0], -1).float(), table).reshape(x.shape)  # [B, C, *S]
+        threshold = float(self.threshold)
+        have = noise_sd(matched, threshold).to(matched)  # [B]
+        noisy = []
+        for i in range(x.shape[0]):
+            g = content_generator(x[i])
+            target = torch.exp(log_noise[i, 0] + log_noise[i, 1] * torch.randn((), generator=g).to(matched))
+            extra = (target**2 - have[i] ** 2).clamp(min=0).sqrt()
+            fresh = torch.randn(tuple(x.shape[1:]), generator=g).to(matched)
+            noisy.append(torch.where(matched[i] > threshold, matched[i] + extra * fresh, matched[i]))
+        out = self.match(torch.stack(noisy).reshape(x.shape[0], -1), table)
+        return out.reshape(x.shape).to(x.dtype)
+
+
+def fitted_intensities(match_intensities: bool, num_classes: int) -> FittedIntensities | None:
+    """The FittedIntensities a `match_intensities` setting asks for (None when off)."""
+    return FittedIntensities(num_classes) if match_intensities else None
 
 
 class ClassConditionedLinear(nn.Module):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medgen.models.blocks import fitted_intensities
 from medgen.models.networks import check_common, generator_and_critic
 from medgen.models.registry import register_model
 
@@ -44,6 +45,8 @@ class GAN(nn.Module):
         warp_size: the warp output's field grid edge (0: image_size / 2).
         max_displacement: the warp output's largest displacement (fraction of the half field of view).
         noise: learned observation noise on the generator's output (see Generator).
+        match_intensities: map samples, voxel by voxel in rank order, onto the class's mean intensity quantile
+            function of the training volumes (fitted by training's SamplePrior hook; see FittedIntensities).
     """
 
     compile_children = ("generator",)  # the critic stays eager (gradient penalty: double backward)
@@ -52,7 +55,7 @@ class GAN(nn.Module):
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  d_norm: str = "layer", class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
-                 noise: bool = False) -> None:
+                 noise: bool = False, match_intensities: bool = False) -> None:
         super().__init__()
         check_common("model 'gan'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -63,6 +66,7 @@ class GAN(nn.Module):
             base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm,
             class_offset=class_offset, output=generator_output, warp_size=warp_size,
             max_displacement=max_displacement, noise=noise)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes)
 
     @property
     def observation_noise(self) -> bool:

@@ -60,10 +60,14 @@ def decode(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     precision: Any = None,
+    match: bool = True,
 ) -> torch.Tensor:
     """Decode latents z [N, latent_dim] with labels [N] (or class weights [N, K]) by `model.sample`, in eval mode,
     batch by batch.
 
+    Args:
+        match: map the images onto the model's fitted intensity distribution (`match_intensities`; no-op
+            without one); False for reconstructions, which should keep their own intensities.
     Returns:
         [N, C, *spatial] float32 on the CPU, clamped to [-1, 1].
     """
@@ -88,9 +92,20 @@ def decode(
             noise = None if shape is None else latent_noise(z[i : i + batch_size], shape).to(dev)  # the latents' own
             with ctx():
                 x = model.sample(zi, yi) if noise is None else model.sample(zi, yi, noise=noise)
-            chunks.append(x.float().cpu())
+            x = x.float().cpu().clamp_(-1.0, 1.0)
+            chunks.append(match_intensities(model, x, yi.cpu()) if match else x)
     model.train(was_training)
     return torch.cat(chunks).clamp_(-1.0, 1.0)
+
+
+def match_intensities(model: nn.Module, images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Images [N, C, *spatial] mapped by rank onto the model's fitted per-class intensity distribution
+    (`match_intensities`, see FittedIntensities); unchanged for models without one or before it is fitted."""
+    prior = getattr(model, "intensity_prior", None)
+    if prior is None:
+        return images
+    with torch.no_grad():
+        return prior(images, as_labels(labels))
 
 
 def sample_images(
@@ -159,4 +174,4 @@ def reconstruct(model: nn.Module, images: torch.Tensor, labels: Sequence[int] | 
                 batch_size: int = 8, device: str | torch.device = "cpu") -> torch.Tensor:
     """Decode(encode(images)) with the same labels: [N, C, *spatial] float32 on the CPU in [-1, 1]."""
     z = encode(model, images, labels, batch_size=batch_size, device=device)
-    return decode(model, z, labels, batch_size=batch_size, device=device)
+    return decode(model, z, labels, batch_size=batch_size, device=device, match=False)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medgen.models.blocks import embed_labels, fitted_prior
+from medgen.models.blocks import embed_labels, fitted_intensities, fitted_prior
 from medgen.models.networks import Encoder, Generator, check_common
 from medgen.models.registry import register_model
 
@@ -55,13 +55,16 @@ class VAE(nn.Module):
         sample_prior: "standard" (sample() decodes z ~ N(0, I) as given) or "fitted" (a per-class Gaussian over
             the training codes, fitted by training's SamplePrior hook, maps the N(0, I) draws of sample_images and
             synth; see FittedCodePrior).
+        match_intensities: map samples, voxel by voxel in rank order, onto the class's mean intensity quantile
+            function of the training volumes (fitted by training's SamplePrior hook; see FittedIntensities).
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", norm: str = "batch",
                  logvar_clamp: float = 10.0, class_prior: bool = False, class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
-                 noise: bool = False, sample_prior: str = "standard") -> None:
+                 noise: bool = False, sample_prior: str = "standard",
+                 match_intensities: bool = False) -> None:
         super().__init__()
         check_common("model 'vae'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -85,6 +88,7 @@ class VAE(nn.Module):
                                  output=generator_output, warp_size=warp_size, max_displacement=max_displacement,
                                  noise=noise)
         self.code_prior = fitted_prior("model 'vae'", sample_prior, num_classes, latent_dim)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes)
 
     def prior_mean(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""

@@ -157,7 +157,7 @@ def detect_anomalies(checkpoint: str | Path, data: str | Path | ImageSet | None,
         raise MedgenError(f"{len(leaked)} scored subject(s) trained the checkpoint (e.g. {sorted(leaked)[0]})")
     cond = [k_normal] * len(test)
     codes = encode(model, test.images, cond, batch_size=batch_size, device=dev)
-    recon = decode(model, codes, cond, batch_size=batch_size, device=dev)
+    recon = decode(model, codes, cond, batch_size=batch_size, device=dev, match=False)
     err = error_maps(test.images, recon, sigma)
     deficit = deficit_maps(test.images, recon, sigma)
     anatomy = _regions(ds, size)
@@ -171,7 +171,7 @@ def detect_anomalies(checkpoint: str | Path, data: str | Path | ImageSet | None,
     if used:
         ref = ds.subset(used)
         ref_codes = encode(model, ref.images, [k_normal] * len(ref), batch_size=batch_size, device=dev)
-        ref_recon = decode(model, ref_codes, [k_normal] * len(ref), batch_size=batch_size, device=dev)
+        ref_recon = decode(model, ref_codes, [k_normal] * len(ref), batch_size=batch_size, device=dev, match=False)
         ref_err = error_maps(ref.images, ref_recon, sigma)
         z = normative_z(err, ref_err)
         ref_deficit = deficit_maps(ref.images, ref_recon, sigma)

@@ -82,7 +82,8 @@ class Montage:
 class SamplePrior:
     """Fits the fitted code prior (`sample_prior: fitted`) of the raw and of the EMA model to their own codes of the
     training volumes (vae: the posterior means; alpha-gan: E(x)), before each montage and checkpoint, so what is
-    sampled or saved samples where the current codes lie. A no-op for models without one."""
+    sampled or saved samples where the current codes lie; and, once, the fitted intensity distribution
+    (`match_intensities`) to the training volumes. A no-op for models without either."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -91,6 +92,9 @@ class SamplePrior:
     def __call__(self, state: TrainState) -> None:
         for model in {id(m): m for m in (state.model, state.infer_model)}.values():
             model = getattr(model, "module", model)  # a DistributedDataParallel wrapper: its module
+            intensities = getattr(model, "intensity_prior", None)
+            if intensities is not None and not bool(intensities.fitted):  # the data do not change: fit once
+                intensities.fit(self.images, self.labels)
             prior = getattr(model, "code_prior", None)
             if prior is None:
                 continue

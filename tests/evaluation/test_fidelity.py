@@ -69,6 +69,11 @@ def test_feature_space_standardised_and_sees_checkerboards():
     assert texture_features(textured)[:, -1].mean() > 5 * texture_features(real)[:, -1].mean()
     assert two_sample_auc(f, space(textured)) > 0.9
     assert two_sample_auc(f[:12], f[12:]) < 0.8
+    # the groups cover every column once; a checkerboard gives itself away in the texture group
+    cols = sorted(i for cut in space.groups.values() for i in range(space.dim)[cut])
+    assert cols == list(range(space.dim))
+    tex = space.groups["texture"]
+    assert two_sample_auc(f[:, tex], space(textured)[:, tex]) > 0.9
 
 
 def atlas_volumes(n: int, ventricle_growth: float, seed: int, size: int = 16) -> torch.Tensor:

@@ -45,6 +45,9 @@ def test_evaluate_synthesis_per_class(tmp_path):
         assert np.isfinite(m[key]), key
     assert m["n_real"] == 4 and m["n_synthetic"] == 3
     assert result["overall"]["n_synthetic"] == 9 and 0 <= result["overall"]["class_agreement"] <= 1
+    for group in ("anatomy", "histogram", "texture"):  # the two-sample AUC per feature group, with its reference
+        assert 0 <= result["overall"][f"two_sample_auc_{group}"] <= 1
+        assert 0 <= result["overall"][f"two_sample_auc_{group}_real"] <= 1
     assert "generator's training data (the checkpoint's data fingerprint matches)" in \
         result["settings"]["class_agreement_training_data"]
 

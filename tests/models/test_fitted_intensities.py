@@ -1,0 +1,84 @@
+"""The fitted intensity layer (`match_intensities`): samples mapped by rank onto the training volumes' per-class
+histogram, with the training volumes' noise level."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medgen.models.blocks import FittedIntensities, noise_sd
+from medgen.models.registry import create_model
+from medgen.models.sampling import reconstruct, sample_images
+
+
+def brains(n: int, seed: int, shift: float = 0.0, noise: float = 0.05) -> torch.Tensor:
+    """n 16^3 'brain-extracted' volumes: background -1 outside a ball of varying radius, a smooth gradient plus
+    white noise of sd `noise` inside; [n, 1, 16, 16, 16]."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0) - 7.5] * 3, indexing="ij"))
+    r = grid.norm(dim=0)
+    out = []
+    for _ in range(n):
+        radius = 5.5 + torch.rand((), generator=g)
+        inside = (grid[0] / 8 * 0.4 + shift + noise * torch.randn(16, 16, 16, generator=g)).clamp(-0.8, 1)
+        out.append(torch.where(r < radius, inside, torch.tensor(-1.0)))
+    return torch.stack(out)[:, None]
+
+
+def test_identity_before_fit_then_the_class_histogram_in_the_same_voxel_order():
+    layer = FittedIntensities(2, num_quantiles=256)
+    x = brains(2, 0)
+    torch.testing.assert_close(layer(x, torch.tensor([0, 1])), x)  # not fitted: the identity
+    real = torch.cat([brains(20, 1, shift=-0.3), brains(20, 2, shift=0.3)])
+    layer.fit(real, torch.tensor([0] * 20 + [1] * 20))
+    assert float(layer.background) == -1.0 and -1.0 < float(layer.threshold) < -0.5  # halfway to the darkest
+    # a blurry, noiseless sample with a soft edge, between the two classes
+    soft = torch.nn.functional.avg_pool3d(brains(1, 3, shift=0.0, noise=0.0), 3, stride=1, padding=1,
+                                          count_include_pad=False)
+    for k, shift in enumerate((-0.3, 0.3)):
+        out = layer(soft, torch.tensor([k]))
+        fg = out[out > -1]
+        assert abs(float(fg.mean()) - shift) < 0.05  # the class's foreground intensities
+        assert set(torch.unique(out[out <= float(layer.threshold)]).tolist()) == {-1.0}  # a sharp background
+        assert abs(float(noise_sd(out, float(layer.threshold))) - 0.05) < 0.02  # the training noise level
+        inside = (soft > float(layer.threshold)) & (out > -1)
+        # the anatomy stays: the voxel order (rank correlation with the input) survives, up to the added noise
+        ranks = torch.stack([soft[inside].argsort().argsort(), out[inside].argsort().argsort()]).float()
+        assert torch.corrcoef(ranks)[0, 1] > 0.8
+    again = layer(soft, torch.tensor([0]))
+    torch.testing.assert_close(again, layer(soft, torch.tensor([0])))  # deterministic for the same image
+    torch.testing.assert_close(layer(soft, torch.tensor([[1.0, 0.0]])), again)  # soft labels: one-hot = hard
+
+
+def test_volumes_without_background_are_matched_whole():
+    layer = FittedIntensities(1, num_quantiles=128)
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(8, 1, 8, 8, 8, generator=g) * 0.5
+    layer.fit(real, torch.zeros(8, dtype=torch.long))
+    assert float(layer.threshold) < float(real.min())  # no voxel is background
+    out = layer(torch.randn(1, 1, 8, 8, 8, generator=g), torch.tensor([0]))
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 0.5
+
+
+def test_sampling_matches_and_reconstruction_does_not():
+    torch.manual_seed(0)
+    model = create_model("vae", spatial_dims=3, image_size=16, base_width=4, latent_dim=4,
+                         match_intensities=True).eval()
+    plain = sample_images(model, [0, 1], seed=0)  # not fitted yet: the model's own output
+    model.intensity_prior.fit(brains(12, 5, shift=0.5), torch.tensor([0, 1, 2] * 4))
+    matched = sample_images(model, [0, 1], seed=0)
+    assert not torch.allclose(plain, matched)
+    assert abs(float(matched[matched > -1].mean()) - 0.5) < 0.05
+    x = brains(2, 6)
+    with torch.no_grad():
+        want = model.sample(model.encode(x, torch.tensor([0, 1]))[0], torch.tensor([0, 1])).clamp(-1, 1)
+    torch.testing.assert_close(reconstruct(model, x, [0, 1]), want)  # reconstructions keep their intensities
+
+
+@pytest.mark.parametrize("name", ["vae", "gan", "alpha-gan"])
+def test_training_fits_the_layer_to_the_training_volumes(tiny_fit, name):
+    state = tiny_fit(name, base_width=4, latent_dim=8, match_intensities=True)
+    assert bool(state["intensity_prior.fitted"])
+    q = state["intensity_prior.quantiles"]
+    assert torch.isfinite(q).all() and (q[:, 1:] >= q[:, :-1]).all()  # quantile functions: non-decreasing
+    assert torch.isfinite(state["intensity_prior.log_noise"]).all()
