@@ -165,8 +165,11 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
                  folds: int = 5, seed: int = 0) -> dict[str, Any]:
     """Predict which shapes are present from the per-decoder latents, cross-validated by scene.
 
-    One logistic regression per shape (multi-label) on the flattened means [N, K*L], standardised,
-    with GroupKFold over scene ids (frames of one scene never straddle train and test); the baseline
+    One logistic regression per shape (multi-label), standardised, with GroupKFold over scene ids (frames of
+    one scene never straddle train and test), on two views of the latents: "probe", the flattened means
+    [N, K*L] in decoder order; "pooled", their per-dimension mean and max over the decoders [N, 2L], which is
+    the same whichever decoder holds which object (decoders are exchangeable, and which one takes an object
+    changes from scene to scene, so a fixed-order probe can miss what the latents carry). The baseline
     predicts each label's training-fold majority.
 
     Args:
@@ -177,7 +180,9 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
         folds: number of CV folds (reduced to the number of groups when fewer).
         seed: random state of the classifier.
     """
-    x = np.asarray(mu, dtype=np.float64).reshape(len(mu), -1)  # [N, K, L] -> [N, K*L]
+    mu = np.asarray(mu, dtype=np.float64)  # [N, K, L]
+    views = {"probe": mu.reshape(len(mu), -1),  # [N, K*L]
+             "pooled": np.concatenate([mu.mean(1), mu.max(1)], axis=1)}  # [N, 2L]
     y = np.asarray(targets, dtype=np.int64)
     groups = np.asarray(list(groups))
     k = min(folds, len(np.unique(groups)))
@@ -185,10 +190,11 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
         return {"error": "need at least 2 scenes for a cross-validated probe"}
     cv = GroupKFold(n_splits=k)
     results: dict[str, Any] = {"folds": k, "items": int(len(y)), "labels": list(names)}
-    preds = {"probe": np.zeros_like(y), "baseline": np.zeros_like(y)}
+    preds = {"probe": np.zeros_like(y), "pooled": np.zeros_like(y), "baseline": np.zeros_like(y)}
     for j in range(y.shape[1]):
         for key in preds:
-            if key == "probe":
+            x = views.get(key, views["probe"])
+            if key in views:
                 est = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
             else:
                 est = DummyClassifier(strategy="most_frequent")

@@ -528,8 +528,10 @@ def _segment_run(path: Path) -> Run:
     probe = m.get("probe")
     if isinstance(probe, dict) and "probe" in probe:
         keys = ["mean_balanced_accuracy", "mean_label_accuracy", "exact_match"]
-        rows = [[k, probe["probe"].get(k), (probe.get("baseline") or {}).get(k)] for k in keys]
-        scores.append(table(["metric", "latent probe", "baseline (majority)"], rows, cls="scores",
+        rows = [[k, probe["probe"].get(k), (probe.get("pooled") or {}).get(k), (probe.get("baseline") or {}).get(k)]
+                for k in keys]
+        scores.append(table(["metric", "latent probe", "pooled over decoders", "baseline (majority)"], rows,
+                            cls="scores",
                             caption=f"which shapes are present, from the latents ({probe.get('folds', '?')}-fold CV by scene)"))
         run.figures.append(("probe bal. acc", fmt(probe["probe"].get("mean_balanced_accuracy"), 3),
                             _sortval(probe["probe"].get("mean_balanced_accuracy"))))

@@ -89,6 +89,19 @@ def test_latent_probe_beats_baseline_on_informative_latents():
     assert res["probe"]["mean_balanced_accuracy"] > 0.9
     noise = latent_probe(rng.normal(size=(120, 2, 4)), y, groups, names=["a", "b", "c"])
     assert noise["probe"]["mean_label_accuracy"] < 0.7
+    assert noise["pooled"]["mean_balanced_accuracy"] < 0.7
+
+
+def test_pooled_probe_reads_labels_whichever_decoder_holds_them():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, size=(160, 3))
+    mu = rng.normal(size=(160, 4, 4))
+    holder = rng.integers(0, 4, size=160)  # the decoder that encodes the labels changes per scene
+    mu[np.arange(160), holder, :3] += 4 * y
+    groups = [f"s{i}" for i in range(160)]
+    res = latent_probe(mu, y, groups, names=["sphere", "box", "cylinder"])
+    assert res["pooled"]["mean_balanced_accuracy"] > 0.85
+    assert res["pooled"]["mean_balanced_accuracy"] > res["probe"]["mean_balanced_accuracy"] + 0.1
 
 
 def test_colour_baselines_recover_flat_coloured_regions():
