@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution
+from monai.networks.layers import GaussianFilter
 from torch import nn
+from torch.nn import functional as F
 
 from medgen.errors import MedgenError
 
@@ -220,10 +223,16 @@ class FittedIntensities(nn.Module):
     Why: a generator trained for a fixed time draws the anatomy before the intensity histogram and the noise (at
     64^3 after 30 CPU minutes: too few dark CSF / partial-volume voxels, a soft brain edge, half the real noise),
     and a real-vs-synthetic test tells the sets apart by those alone; so does a classifier of the class. Each
-    sample is (1) mapped, by rank, onto the class's mean quantile function of the training volumes (histogram
+    sample is (1) mapped, by rank, onto a quantile function drawn from the class's training volumes (histogram
     matching: the order of the voxels, hence the anatomy, stays), (2) given Gaussian noise in the foreground up
     to a noise level drawn from the class's training volumes (Donoho's estimate; log-normal), and (3) matched
-    again. Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
+    again. The quantile functions are drawn from a Gaussian over the class's per-volume quantile functions (mean
+    and `rank` principal directions), so that the samples' histograms vary as much as real subjects' do: one mean
+    histogram for every sample is itself a giveaway (their histogram features spread 5-10x less than real).
+    Before (1), the generator's own voxel-scale texture (speckle, checkerboards: high-frequency energy 4 real SDs
+    above the training volumes' on the 30-minute gan) is smoothed away inside the brain (a Gaussian of `smooth`
+    voxels, normalised by the smoothed brain mask so the edge stays sharp): the noise of the output is then the
+    fitted one. Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
     averaging quantile functions over subjects with different brain sizes does not invent edge intensities no
     real volume has: voxels below a threshold halfway between the background and the darkest foreground become
     background, the rest are matched to the mean quantile function of the foreground. Until `fit` runs it is the
@@ -232,14 +241,19 @@ class FittedIntensities(nn.Module):
     Args:
         num_classes: K (one quantile function and noise level per class).
         num_quantiles: points of each quantile function.
+        rank: principal directions of the per-class quantile-function variation (0: the class mean for all).
+        smooth: SD in voxels of the Gaussian that removes the generator's voxel-scale texture (0: none).
     """
 
     MIN_BACKGROUND = 0.01  # mean background fraction below which the volumes are matched as a whole
 
-    def __init__(self, num_classes: int, num_quantiles: int = 1024) -> None:
+    def __init__(self, num_classes: int, num_quantiles: int = 1024, rank: int = 8, smooth: float = 0.6) -> None:
         super().__init__()
+        self.smooth = float(smooth)
         k = max(num_classes, 1)
         self.register_buffer("quantiles", torch.zeros(k, num_quantiles))  # [K, Q] of the foreground
+        self.register_buffer("directions", torch.zeros(k, rank, num_quantiles))  # [K, R, Q] unit principal axes
+        self.register_buffer("spread", torch.zeros(k, rank))  # [K, R] SD along each axis
         self.register_buffer("log_noise", torch.zeros(k, 2))  # [K, (mean, sd)] of the log noise sd
         self.register_buffer("background", torch.tensor(-1.0))  # the background intensity
         self.register_buffer("threshold", torch.tensor(-2.0))  # at or below: background (finite: checkpoints)
@@ -249,8 +263,8 @@ class FittedIntensities(nn.Module):
     def fit(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Fit to images [N, C, *S] with labels [N]: the background (the minimum intensity, when at least 1 % of
         the voxels hold it on average), the threshold, each class's mean over its volumes of the foreground
-        quantile functions at probabilities (j + 0.5) / Q, and the mean and SD of its log noise levels (a class
-        without volumes: those of all)."""
+        quantile functions at probabilities (j + 0.5) / Q with their principal directions of variation, and the
+        mean and SD of its log noise levels (a class without volumes: those of all)."""
         q = self.quantiles.shape[1]
         probs = (torch.arange(q, dtype=torch.float64) + 0.5) / q
         flat = [x.detach().double().cpu().flatten() for x in images]
@@ -265,6 +279,14 @@ class FittedIntensities(nn.Module):
         for k in range(self.quantiles.shape[0]):
             rows = (labels == k) if bool((labels == k).any()) else torch.ones_like(labels, dtype=torch.bool)
             self.quantiles[k] = per_volume[rows].mean(0).to(self.quantiles)
+            self.directions[k].zero_()
+            self.spread[k].zero_()
+            r = min(self.spread.shape[1], int(rows.sum()) - 1)
+            if r > 0:
+                centred = per_volume[rows] - per_volume[rows].mean(0)  # [Nk, Q]
+                _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+                self.directions[k, :r] = vh[:r].to(self.directions)
+                self.spread[k, :r] = (sv[:r] / (int(rows.sum()) - 1) ** 0.5).to(self.spread)
             spread = log_sd[rows].std() if int(rows.sum()) > 1 else torch.tensor(0.0)
             self.log_noise[k] = torch.stack([log_sd[rows].mean(), spread]).to(self.log_noise)
         self.background.fill_(low)
@@ -287,29 +309,48 @@ class FittedIntensities(nn.Module):
         return torch.where(bg, self.background.to(out), out)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Images x [B, C, *S] with labels [B] (or class weights [B, K]: the weighted mean quantile function and
-        log noise) -> the same voxel order with the class's intensities and noise; x unchanged before `fit`.
-        The noise is drawn from generators seeded by each image's bytes (same image, same output)."""
+        """Images x [B, C, *S] with labels [B] (or class weights [B, K]: the weighted mean quantile function, its
+        variation and log noise) -> the same voxel order with the class's intensities and noise; x unchanged
+        before `fit`. The draws come from generators seeded by each image's bytes (same image, same output)."""
         if not bool(self.fitted):
             return x
-        table, log_noise = self.quantiles.to(x.device, torch.float32), self.log_noise.to(x.device, torch.float32)
-        if labels.is_floating_point() and labels.ndim == 2:
-            w = labels.to(table)
-            table, log_noise = w @ table, w @ log_noise  # [B, Q], [B, 2]
-        else:
-            table, log_noise = table[labels], log_noise[labels]
-        matched = self.match(x.reshape(x.shape[0], -1).float(), table).reshape(x.shape)  # [B, C, *S]
+        k = self.quantiles.shape[0]
+        w = (labels.float() if labels.is_floating_point() and labels.ndim == 2
+             else F.one_hot(labels.long(), k).float()).to(x.device)  # [B, K]
+        quantiles, log_noise = self.quantiles.to(x.device, torch.float32), self.log_noise.to(x.device, torch.float32)
+        axes = (self.spread[..., None] * self.directions).to(x.device, torch.float32)  # [K, R, Q]
+        draws = [content_generator(x[i]) for i in range(x.shape[0])]
+        coef = torch.stack([torch.randn(axes.shape[1], generator=g) for g in draws]).to(x.device)  # [B, R]
+        # one quantile function per sample: the class mean plus a Gaussian draw along its principal axes
+        table = (w @ quantiles + torch.einsum("bk,br,krq->bq", w, coef, axes)).sort(dim=1).values  # [B, Q]
+        log_noise = w @ log_noise  # [B, 2]
         threshold = float(self.threshold)
+        smooth = self.smoothed(x.float(), threshold)
+        matched = self.match(smooth.reshape(x.shape[0], -1), table).reshape(x.shape)  # [B, C, *S]
         have = noise_sd(matched, threshold).to(matched)  # [B]
         noisy = []
-        for i in range(x.shape[0]):
-            g = content_generator(x[i])
+        for i, g in enumerate(draws):
             target = torch.exp(log_noise[i, 0] + log_noise[i, 1] * torch.randn((), generator=g).to(matched))
             extra = (target**2 - have[i] ** 2).clamp(min=0).sqrt()
             fresh = torch.randn(tuple(x.shape[1:]), generator=g).to(matched)
             noisy.append(torch.where(matched[i] > threshold, matched[i] + extra * fresh, matched[i]))
         out = self.match(torch.stack(noisy).reshape(x.shape[0], -1), table)
         return out.reshape(x.shape).to(x.dtype)
+
+    def smoothed(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        """x [B, C, *S] smoothed inside its foreground (voxels above threshold) only; the background as it is."""
+        if self.smooth <= 0:
+            return x
+        fg = (x > threshold).to(x.dtype)
+        blur = GaussianFilter(x.ndim - 2, self.smooth).to(x.device)
+        inside = blur(x * fg) / blur(fg).clamp(min=1e-3)  # the mean of the foreground neighbours only
+        return torch.where(fg > 0, inside, x)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the quantile-function variation existed: no variation (their behaviour)
+        for name in ("directions", "spread"):
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def fitted_intensities(match_intensities: bool, num_classes: int) -> FittedIntensities | None:

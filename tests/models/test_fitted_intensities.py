@@ -50,6 +50,49 @@ def test_identity_before_fit_then_the_class_histogram_in_the_same_voxel_order():
     torch.testing.assert_close(layer(soft, torch.tensor([[1.0, 0.0]])), again)  # soft labels: one-hot = hard
 
 
+def test_sample_histograms_vary_as_much_as_the_training_volumes():
+    g = torch.Generator().manual_seed(0)
+    shifts = 0.15 * torch.randn(40, generator=g)  # each training volume its own brightness
+    real = torch.cat([brains(1, 10 + i, shift=float(s)) for i, s in enumerate(shifts)])
+    labels = torch.zeros(40, dtype=torch.long)
+    samples = torch.cat([brains(1, 100 + i, noise=0.0) for i in range(30)])  # alike, bar their radius
+    spread = {}
+    for rank in (0, 4):
+        layer = FittedIntensities(1, num_quantiles=256, rank=rank)
+        layer.fit(real, labels)
+        out = layer(samples, torch.zeros(30, dtype=torch.long))
+        means = torch.stack([v[v > -1].mean() for v in out])
+        spread[rank] = float(means.std())
+    real_spread = float(torch.stack([v[v > -1].mean() for v in real]).std())
+    assert spread[0] < 0.3 * real_spread  # the class mean for every sample
+    assert 0.6 * real_spread < spread[4] < 1.5 * real_spread  # drawn: as varied as the training volumes
+
+
+def test_the_generators_speckle_is_replaced_by_the_training_noise():
+    real = brains(12, 1)  # white noise of sd 0.05 inside
+    idx = torch.stack(torch.meshgrid(*[torch.arange(16)] * 3, indexing="ij")).sum(0)
+    checker = (idx % 2 * 2 - 1).float()  # [16, 16, 16] of +-1: a transposed-convolution checkerboard
+    sample = brains(1, 7, noise=0.0)
+    sample = torch.where(sample > -1, sample + 0.2 * checker, sample)
+    level = {}
+    for smooth in (0.0, 0.6):
+        layer = FittedIntensities(1, num_quantiles=256, rank=0, smooth=smooth)
+        layer.fit(real, torch.zeros(12, dtype=torch.long))
+        level[smooth] = float(noise_sd(layer(sample, torch.tensor([0])), float(layer.threshold)))
+    assert level[0.0] > 0.1  # left alone, the speckle outweighs the training noise
+    assert 0.025 < level[0.6] < 0.075  # smoothed away first: about the training volumes' noise level (0.05)
+
+
+def test_a_layer_saved_without_the_variation_loads_as_before():
+    layer = FittedIntensities(2, num_quantiles=64)
+    layer.fit(torch.cat([brains(6, 1, shift=-0.3), brains(6, 2, shift=0.3)]), torch.tensor([0] * 6 + [1] * 6))
+    state = {k: v for k, v in layer.state_dict().items() if k not in ("directions", "spread")}
+    old = FittedIntensities(2, num_quantiles=64)
+    old.load_state_dict(state)  # strict: the missing buffers are taken as no variation
+    assert bool(old.fitted) and float(old.spread.abs().sum()) == 0.0
+    torch.testing.assert_close(old.quantiles, layer.quantiles)
+
+
 def test_volumes_without_background_are_matched_whole():
     layer = FittedIntensities(1, num_quantiles=128)
     g = torch.Generator().manual_seed(0)
@@ -82,3 +125,4 @@ def test_training_fits_the_layer_to_the_training_volumes(tiny_fit, name):
     q = state["intensity_prior.quantiles"]
     assert torch.isfinite(q).all() and (q[:, 1:] >= q[:, :-1]).all()  # quantile functions: non-decreasing
     assert torch.isfinite(state["intensity_prior.log_noise"]).all()
+    assert torch.isfinite(state["intensity_prior.directions"]).all() and (state["intensity_prior.spread"] >= 0).all()
