@@ -54,8 +54,11 @@ class AlphaGAN(nn.Module):
         max_displacement: the warp output's largest displacement (fraction of the half field of view).
         noise: learned observation noise on the generator's output (see Generator).
         sample_prior: "standard" or "fitted" (a per-class Gaussian over the training codes E(x); as the vae's).
-        match_intensities: map samples, voxel by voxel in rank order, onto the class's mean intensity quantile
-            function of the training volumes (fitted by training's SamplePrior hook; see FittedIntensities).
+        match_intensities: map samples, voxel by voxel in rank order, onto an intensity quantile function drawn
+            from the class's training volumes, with their noise level (fitted by training's SamplePrior hook; see
+            FittedIntensities).
+        intensity_smooth: with match_intensities, the SD in voxels of a Gaussian that first smooths away the
+            generator's own voxel-scale texture (speckle, checkerboards) inside the brain; 0: none.
     """
 
     compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
@@ -66,7 +69,7 @@ class AlphaGAN(nn.Module):
                  conditional_encoder: bool = False, class_prior: bool = False, class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
                  noise: bool = False, sample_prior: str = "standard",
-                 match_intensities: bool = False) -> None:
+                 match_intensities: bool = False, intensity_smooth: float = 0.0) -> None:
         super().__init__()
         check_common("model 'alpha-gan'", spatial_dims=spatial_dims, in_channels=in_channels,
                      num_classes=num_classes, image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -85,7 +88,7 @@ class AlphaGAN(nn.Module):
             max_displacement=max_displacement, noise=noise)
         self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
         self.code_prior = fitted_prior("model 'alpha-gan'", sample_prior, num_classes, latent_dim)
-        self.intensity_prior = fitted_intensities(match_intensities, num_classes)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth)
         self.prior = nn.Embedding(num_classes, latent_dim) if class_prior else None  # m_y, zero at the start
         if self.prior is not None:
             nn.init.zeros_(self.prior.weight)

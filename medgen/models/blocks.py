@@ -229,10 +229,11 @@ class FittedIntensities(nn.Module):
     again. The quantile functions are drawn from a Gaussian over the class's per-volume quantile functions (mean
     and `rank` principal directions), so that the samples' histograms vary as much as real subjects' do: one mean
     histogram for every sample is itself a giveaway (their histogram features spread 5-10x less than real).
-    Before (1), the generator's own voxel-scale texture (speckle, checkerboards: high-frequency energy 4 real SDs
-    above the training volumes' on the 30-minute gan) is smoothed away inside the brain (a Gaussian of `smooth`
-    voxels, normalised by the smoothed brain mask so the edge stays sharp): the noise of the output is then the
-    fitted one. Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
+    Optionally, before (1), the generator's own voxel-scale texture (speckle, checkerboards: high-frequency
+    energy 4 real SDs above the training volumes' on the 30-minute gan) is smoothed away inside the brain (a
+    Gaussian of `smooth` voxels, normalised by the smoothed brain mask so the edge stays sharp): the noise of the
+    output is then the fitted one; for an output already smoother than the training volumes (the vae's) it costs
+    detail. Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
     averaging quantile functions over subjects with different brain sizes does not invent edge intensities no
     real volume has: voxels below a threshold halfway between the background and the darkest foreground become
     background, the rest are matched to the mean quantile function of the foreground. Until `fit` runs it is the
@@ -247,7 +248,7 @@ class FittedIntensities(nn.Module):
 
     MIN_BACKGROUND = 0.01  # mean background fraction below which the volumes are matched as a whole
 
-    def __init__(self, num_classes: int, num_quantiles: int = 1024, rank: int = 8, smooth: float = 0.6) -> None:
+    def __init__(self, num_classes: int, num_quantiles: int = 1024, rank: int = 8, smooth: float = 0.0) -> None:
         super().__init__()
         self.smooth = float(smooth)
         k = max(num_classes, 1)
@@ -353,9 +354,11 @@ class FittedIntensities(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def fitted_intensities(match_intensities: bool, num_classes: int) -> FittedIntensities | None:
-    """The FittedIntensities a `match_intensities` setting asks for (None when off)."""
-    return FittedIntensities(num_classes) if match_intensities else None
+def fitted_intensities(match_intensities: bool, num_classes: int, smooth: float = 0.0) -> FittedIntensities | None:
+    """The FittedIntensities a `match_intensities` / `intensity_smooth` setting asks for (None when off)."""
+    if smooth < 0:
+        raise MedgenError(f"intensity_smooth must be >= 0 (voxels), got {smooth}")
+    return FittedIntensities(num_classes, smooth=smooth) if match_intensities else None
 
 
 class ClassConditionedLinear(nn.Module):

@@ -45,8 +45,11 @@ class GAN(nn.Module):
         warp_size: the warp output's field grid edge (0: image_size / 2).
         max_displacement: the warp output's largest displacement (fraction of the half field of view).
         noise: learned observation noise on the generator's output (see Generator).
-        match_intensities: map samples, voxel by voxel in rank order, onto the class's mean intensity quantile
-            function of the training volumes (fitted by training's SamplePrior hook; see FittedIntensities).
+        match_intensities: map samples, voxel by voxel in rank order, onto an intensity quantile function drawn
+            from the class's training volumes, with their noise level (fitted by training's SamplePrior hook; see
+            FittedIntensities).
+        intensity_smooth: with match_intensities, the SD in voxels of a Gaussian that first smooths away the
+            generator's own voxel-scale texture (speckle, checkerboards) inside the brain; 0: none.
     """
 
     compile_children = ("generator",)  # the critic stays eager (gradient penalty: double backward)
@@ -55,7 +58,7 @@ class GAN(nn.Module):
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  d_norm: str = "layer", class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
-                 noise: bool = False, match_intensities: bool = False) -> None:
+                 noise: bool = False, match_intensities: bool = False, intensity_smooth: float = 0.0) -> None:
         super().__init__()
         check_common("model 'gan'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -66,7 +69,7 @@ class GAN(nn.Module):
             base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm,
             class_offset=class_offset, output=generator_output, warp_size=warp_size,
             max_displacement=max_displacement, noise=noise)
-        self.intensity_prior = fitted_intensities(match_intensities, num_classes)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth)
 
     @property
     def observation_noise(self) -> bool:

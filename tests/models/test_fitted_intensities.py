@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medgen.errors import MedgenError
 from medgen.models.blocks import FittedIntensities, noise_sd
 from medgen.models.registry import create_model
 from medgen.models.sampling import reconstruct, sample_images
@@ -81,6 +82,17 @@ def test_the_generators_speckle_is_replaced_by_the_training_noise():
         level[smooth] = float(noise_sd(layer(sample, torch.tensor([0])), float(layer.threshold)))
     assert level[0.0] > 0.1  # left alone, the speckle outweighs the training noise
     assert 0.025 < level[0.6] < 0.075  # smoothed away first: about the training volumes' noise level (0.05)
+
+
+def test_the_models_take_the_smoothing_as_a_setting():
+    model = create_model("gan", spatial_dims=3, image_size=16, base_width=4, latent_dim=4, match_intensities=True,
+                         intensity_smooth=0.6)
+    assert model.intensity_prior.smooth == 0.6
+    assert create_model("vae", spatial_dims=3, image_size=16, base_width=4, latent_dim=4,
+                        match_intensities=True).intensity_prior.smooth == 0.0
+    with pytest.raises(MedgenError, match="intensity_smooth"):
+        create_model("alpha-gan", spatial_dims=3, image_size=16, base_width=4, latent_dim=4, match_intensities=True,
+                     intensity_smooth=-1.0)
 
 
 def test_a_layer_saved_without_the_variation_loads_as_before():
