@@ -19,7 +19,6 @@ import torch
 from monai.networks.blocks import Convolution
 from monai.networks.layers import GaussianFilter
 from torch import nn
-from torch.nn import functional as F
 
 from medgen.errors import MedgenError
 
@@ -279,16 +278,16 @@ class FittedIntensities(nn.Module):
         labels = labels.detach().cpu()
         for k in range(self.quantiles.shape[0]):
             rows = (labels == k) if bool((labels == k).any()) else torch.ones_like(labels, dtype=torch.bool)
-            self.quantiles[k] = per_volume[rows].mean(0).to(self.quantiles)
+            group, n_k = per_volume[rows], int(rows.sum())  # [Nk, Q]
+            self.quantiles[k] = group.mean(0).to(self.quantiles)
             self.directions[k].zero_()
             self.spread[k].zero_()
-            r = min(self.spread.shape[1], int(rows.sum()) - 1)
+            r = min(self.spread.shape[1], n_k - 1)
             if r > 0:
-                centred = per_volume[rows] - per_volume[rows].mean(0)  # [Nk, Q]
-                _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+                _, sv, vh = torch.linalg.svd(group - group.mean(0), full_matrices=False)
                 self.directions[k, :r] = vh[:r].to(self.directions)
-                self.spread[k, :r] = (sv[:r] / (int(rows.sum()) - 1) ** 0.5).to(self.spread)
-            spread = log_sd[rows].std() if int(rows.sum()) > 1 else torch.tensor(0.0)
+                self.spread[k, :r] = (sv[:r] / (n_k - 1) ** 0.5).to(self.spread)
+            spread = log_sd[rows].std() if n_k > 1 else torch.tensor(0.0)
             self.log_noise[k] = torch.stack([log_sd[rows].mean(), spread]).to(self.log_noise)
         self.background.fill_(low)
         self.threshold.fill_(threshold)
@@ -317,7 +316,7 @@ class FittedIntensities(nn.Module):
             return x
         k = self.quantiles.shape[0]
         w = (labels.float() if labels.is_floating_point() and labels.ndim == 2
-             else F.one_hot(labels.long(), k).float()).to(x.device)  # [B, K]
+             else nn.functional.one_hot(labels.long(), k).float()).to(x.device)  # [B, K]
         quantiles, log_noise = self.quantiles.to(x.device, torch.float32), self.log_noise.to(x.device, torch.float32)
         axes = (self.spread[..., None] * self.directions).to(x.device, torch.float32)  # [K, R, Q]
         draws = [content_generator(x[i]) for i in range(x.shape[0])]
