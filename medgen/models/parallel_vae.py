@@ -346,6 +346,10 @@ class ParallelVAE(nn.Module):
             colour per decoder and image), and its decoder draws only the confidence logits. All spatial detail
             then lives in the masks, so the mixture can only explain the input by splitting it into regions of
             one colour each (objects, tissue classes) instead of one decoder redrawing everything.
+        appearance_shading: with appearance_size >= 1, each decoder also draws a shade map in (0, 1) beside its
+            logits and its image is its colour times that shade (in [0, 1] intensities; Lambert shading). A lit
+            face, a dark face and a shadow of one surface then fit one decoder, which only a change of colour
+            (a different object) makes leave: with a flat colour per decoder, brightness steps split objects.
     """
 
     def __init__(self, *, spatial_dims: int = 2, in_channels: int = 3, image_size: int = 128, num_decoders: int = 5,
@@ -354,12 +358,15 @@ class ParallelVAE(nn.Module):
                  decoder_layers: int = 4, broadcast_size: int = 0, broadcast_grow: str = "conv",
                  encoder: str = "conv", slot_size: int = 64, slot_feature_size: int = 0,
                  slot_iterations: int = 3, slot_init: str = "learned", slot_detach: bool = False,
-                 decoder_shared: bool = False, appearance_size: int = 0) -> None:
+                 decoder_shared: bool = False, appearance_size: int = 0, appearance_shading: bool = False) -> None:
         super().__init__()
         what = "model 'parallel-vae'"
         if appearance_size < 0 or (appearance_size and halvings(image_size, appearance_size) is None):
             raise MedgenError(f"{what}: appearance_size must be 0 (full-resolution decoder images) or image_size / "
                               f"2**j, got {appearance_size} for image_size {image_size}")
+        if appearance_shading and not appearance_size:
+            raise MedgenError(f"{what}: appearance_shading needs appearance_size >= 1 (the shade multiplies the "
+                              f"decoder's colour)")
         if spatial_dims not in (2, 3):
             raise MedgenError(f"{what}: spatial_dims must be 2 or 3, got {spatial_dims}")
         for key, value in (("in_channels", in_channels), ("num_decoders", num_decoders),
@@ -391,9 +398,9 @@ class ParallelVAE(nn.Module):
             features = self.encoder.out_channels * BOTTLENECK**spatial_dims
             self.heads = nn.Linear(features, num_decoders * 2 * latent_per_decoder)  # all K latent heads in one matmul
         self.decoder_kind = decoder
-        self.appearance_size = appearance_size
-        # with an appearance head the decoders draw only the logits
-        drawn = 1 if appearance_size else in_channels + 1
+        self.appearance_size, self.appearance_shading = appearance_size, appearance_shading
+        # with an appearance head the decoders draw only the logits (and the shade map when shading)
+        drawn = (2 if appearance_shading else 1) if appearance_size else in_channels + 1
         if appearance_size:
             grid = in_channels * appearance_size**spatial_dims
             self.appearance_weight = nn.Parameter(torch.randn(num_decoders, latent_per_decoder, grid)
@@ -432,7 +439,11 @@ class ParallelVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents [B, K, L] -> (recon [B,C,*S], images [B,K,C,*S], logits [B,K,1,*S], weights [B,K,1,*S])."""
         out = self.decoders(z)
-        if self.appearance_size:
+        if self.appearance_size and self.appearance_shading:
+            colour = (self.appearance(z).to(out.dtype) + 1) / 2  # [B, K, C, *S] in [0, 1]
+            # out [B, K, 2, *S]: logit, shade; image = colour * shade, back to [-1, 1]
+            images, logits = 2 * colour * torch.sigmoid(out[:, :, 1:]) - 1, out[:, :, :1]
+        elif self.appearance_size:
             images, logits = self.appearance(z).to(out.dtype), out
         else:
             images, logits = torch.tanh(out[:, :, : self.in_channels]), out[:, :, self.in_channels :]

@@ -377,6 +377,31 @@ def test_appearance_head_draws_coarse_images_and_the_decoders_only_masks(dims, s
     assert model.appearance_weight.grad is not None and model.appearance_weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_shaded_appearance_keeps_each_decoders_colour_and_varies_its_brightness(dims):
+    torch.manual_seed(0)
+    model = create_model("parallel-vae", spatial_dims=dims, in_channels=3, image_size=16, num_decoders=3,
+                         latent_per_decoder=4, base_width=4, appearance_size=1, appearance_shading=True).eval()
+    out = model(torch.rand(2, 3, *(16,) * dims) * 2 - 1)
+    assert out.images.shape == (2, 3, 3, *(16,) * dims)
+    assert out.logits.shape == (2, 3, 1, *(16,) * dims)
+    intensity = ((out.images + 1) / 2).flatten(3)  # [B, K, C, N] in [0, 1]
+    assert intensity.min() >= 0 and intensity.max() <= 1
+    # one colour per decoder: the channels' ratios are the same at every pixel, the brightness is not
+    ratio = intensity[:, :, 0] / intensity[:, :, 1]
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4)
+    red = intensity[:, :, 0]
+    assert (red.std(dim=-1) / red.mean(dim=-1) > 1e-3).all()  # the shade map varies over the image
+    out.recon.pow(2).mean().backward()
+    assert model.appearance_weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoders.parameters())
+
+
+def test_shading_refused_without_an_appearance_head():
+    with pytest.raises(MedgenError, match="appearance_shading"):
+        create_model("parallel-vae", image_size=16, appearance_size=0, appearance_shading=True)
+
+
 def test_appearance_size_refused_unless_a_halving_of_the_image():
     with pytest.raises(MedgenError, match="appearance_size"):
         create_model("parallel-vae", image_size=16, appearance_size=3)
