@@ -405,8 +405,11 @@ class ParallelVAE(nn.Module):
             grid = in_channels * appearance_size**spatial_dims
             self.appearance_weight = nn.Parameter(torch.randn(num_decoders, latent_per_decoder, grid)
                                                   / latent_per_decoder**0.5 * 0.1)
-            # decoders start with colours spread evenly over [-0.9, 0.9]: distinct components, as k-means seeds
-            spread = torch.atanh(torch.linspace(-0.9, 0.9, num_decoders)) if num_decoders > 1 else torch.zeros(1)
+            # decoders start with colours spread evenly over [-0.9, 0.9]: distinct components, as k-means seeds.
+            # A shade can only darken a colour, and a near-black one stays near black whatever its shade (it
+            # wins no pixel and learns nothing): with shading the colours start bright, over [0, 0.9].
+            low = 0.0 if appearance_shading else -0.9
+            spread = torch.atanh(torch.linspace(low, 0.9, num_decoders)) if num_decoders > 1 else torch.zeros(1)
             self.appearance_bias = nn.Parameter(spread[:, None].repeat(1, grid))
         if decoder == "broadcast":
             self.decoders: nn.Module = BroadcastDecoderBank(

@@ -392,6 +392,9 @@ def test_shaded_appearance_keeps_each_decoders_colour_and_varies_its_brightness(
     assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4)
     red = intensity[:, :, 0]
     assert (red.std(dim=-1) / red.mean(dim=-1) > 1e-3).all()  # the shade map varies over the image
+    # colours start bright (a shade only darkens): spread over [0, 0.9], not [-0.9, 0.9]
+    zero = model.appearance(torch.zeros(1, 3, 4))
+    assert torch.allclose(zero.flatten(2)[0, :, 0], torch.tensor([0.0, 0.45, 0.9]), atol=1e-5)
     out.recon.pow(2).mean().backward()
     assert model.appearance_weight.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoders.parameters())
