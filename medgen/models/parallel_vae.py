@@ -442,12 +442,10 @@ class ParallelVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents [B, K, L] -> (recon [B,C,*S], images [B,K,C,*S], logits [B,K,1,*S], weights [B,K,1,*S])."""
         out = self.decoders(z)
-        if self.appearance_size and self.appearance_shading:
-            colour = (self.appearance(z).to(out.dtype) + 1) / 2  # [B, K, C, *S] in [0, 1]
-            # out [B, K, 2, *S]: logit, shade; image = colour * shade, back to [-1, 1]
-            images, logits = 2 * colour * torch.sigmoid(out[:, :, 1:]) - 1, out[:, :, :1]
-        elif self.appearance_size:
-            images, logits = self.appearance(z).to(out.dtype), out
+        if self.appearance_size:
+            images, logits = self.appearance(z).to(out.dtype), out[:, :, :1]
+            if self.appearance_shading:  # out [B, K, 2, *S]: logit, shade; image = colour * shade in [0, 1]
+                images = 2 * ((images + 1) / 2) * torch.sigmoid(out[:, :, 1:]) - 1
         else:
             images, logits = torch.tanh(out[:, :, : self.in_channels]), out[:, :, self.in_channels :]
         weights = torch.softmax(logits.float(), dim=1).to(images.dtype)
