@@ -298,6 +298,22 @@ def test_slot_training_with_warmup_learns():
         create_step("parallel-vae", lr_warmup=-1)
 
 
+def test_lr_final_cosine_after_warmup():
+    step = create_step("parallel-vae", lr_warmup=10, lr_final=0.1)
+    total = 111  # warm-up 0..9, cosine over iterations 10..110
+    assert step.lr_factor(0, total) == pytest.approx(0.1) and step.lr_factor(9, total) == pytest.approx(1.0)
+    assert step.lr_factor(10, total) == pytest.approx(1.0)
+    assert step.lr_factor(60, total) == pytest.approx(0.55)  # half-way: the mean of 1 and 0.1
+    assert step.lr_factor(110, total) == pytest.approx(0.1)
+    factors = [step.lr_factor(i, total) for i in range(10, total)]
+    assert all(a >= b for a, b in zip(factors[:-1], factors[1:], strict=True))
+    constant = create_step("parallel-vae", lr_warmup=10)
+    assert [constant.lr_factor(i, total) for i in (9, 50, 110)] == [1.0, 1.0, 1.0]
+    for bad in (0.0, 1.5):
+        with pytest.raises(MedgenError, match="lr_final"):
+            create_step("parallel-vae", lr_final=bad)
+
+
 def test_random_slot_starts_use_the_noise_and_a_stored_draw_without_it():
     import io
 

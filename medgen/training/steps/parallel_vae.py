@@ -19,6 +19,7 @@ decoders to share the scene. (Reference settings that summed raw KL, g_ref, conv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,9 @@ class ParallelVAEStep(Step):
         beta2: Adam beta2.
         lr_warmup: iterations over which the learning rate rises linearly from ~0 to train.lr (0: none);
             attention encoders are unstable at the full rate from the first step.
+        lr_final: learning rate at the last planned iteration as a fraction of train.lr, reached by a cosine
+            from the end of the warm-up (1: constant). A falling rate lets the masks settle at the end of a
+            run instead of moving with every batch.
     """
 
     kl_start: float = 0.0
@@ -111,6 +115,7 @@ class ParallelVAEStep(Step):
     beta1: float = 0.9
     beta2: float = 0.999
     lr_warmup: int = 0
+    lr_final: float = 1.0
 
     def __post_init__(self) -> None:
         what = "steps.parallel-vae"
@@ -120,6 +125,8 @@ class ParallelVAEStep(Step):
             raise MedgenError(f"{what}: sigma must be > 0, got {self.sigma}")
         if self.lr_warmup < 0:
             raise MedgenError(f"{what}: lr_warmup must be >= 0, got {self.lr_warmup}")
+        if not 0 < self.lr_final <= 1:
+            raise MedgenError(f"{what}: lr_final must be in (0, 1], got {self.lr_final}")
         if not 0 < self.kl_ramp <= 1:
             raise MedgenError(f"{what}: kl_ramp must be in (0, 1], got {self.kl_ramp}")
 
@@ -129,12 +136,21 @@ class ParallelVAEStep(Step):
             group["base_lr"] = lr
         return {"vae": opt}
 
+    def lr_factor(self, iteration: int, total: int) -> float:
+        """Learning rate / train.lr at a 0-based iteration of a run planned for `total`: linear warm-up, then a
+        cosine from 1 down to lr_final at the last iteration."""
+        if self.lr_warmup and iteration < self.lr_warmup:
+            return (iteration + 1) / self.lr_warmup
+        span = total - 1 - self.lr_warmup
+        t = min(1.0, (iteration - self.lr_warmup) / span) if span > 0 else 1.0
+        return self.lr_final + (1.0 - self.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
     def __call__(self, model: nn.Module, batch: Batch, opt: dict[str, torch.optim.Optimizer],
                  ctx: StepContext) -> dict[str, torch.Tensor]:
         x = batch.images
-        if self.lr_warmup:
+        if self.lr_warmup or self.lr_final < 1:
             for group in opt["vae"].param_groups:
-                group["lr"] = group["base_lr"] * min(1.0, (ctx.iteration + 1) / self.lr_warmup)
+                group["lr"] = group["base_lr"] * self.lr_factor(ctx.iteration, ctx.total_iterations)
         noise = ctx.randn(x.shape[0], model.num_decoders, model.latent_per_decoder, device=x.device)
         shape = model.slot_noise_shape
         slot_noise = None if shape is None else ctx.randn(x.shape[0], *shape, device=x.device)
