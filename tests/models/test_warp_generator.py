@@ -159,7 +159,7 @@ def test_alpha_gan_maps_learn_from_the_reconstruction_alone():
     l1, adv = terms()
     full = torch.autograd.grad(l1 + adv, [g.stages[0][-1].conv.weight])[0]
     l1, adv = terms()
-    hooks = AlphaGANStep._reconstruction_only(g, l1, SimpleNamespace(scalers={}))
+    hooks = AlphaGANStep._reconstruction_only(g, l1, l1, SimpleNamespace(scalers={}))
     (l1 + adv).backward()
     for h in hooks:
         h.remove()
@@ -167,3 +167,26 @@ def test_alpha_gan_maps_learn_from_the_reconstruction_alone():
     torch.testing.assert_close(g.offset.weight.grad, want[1])
     torch.testing.assert_close(g.stages[0][-1].conv.weight.grad, full)  # the weights still see every term
     assert not torch.allclose(full, want[2])
+
+    # offset_loss: mse: the offset follows the squared error, the template still the L1 term
+    g.zero_grad()
+    out = g(z, y)
+    l1, mse = (out - target).abs().mean(), ((out - target) ** 2).mean()
+    want_offset = torch.autograd.grad(mse, [g.offset.weight], retain_graph=True)[0]
+    hooks = AlphaGANStep._reconstruction_only(g, l1, mse, SimpleNamespace(scalers={}))
+    (l1 + (out[:, :, ::2] * 3.0).mean()).backward()
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(g.template.grad, want[0])
+    torch.testing.assert_close(g.offset.weight.grad, want_offset)
+    assert not torch.allclose(want_offset, want[1])
+
+
+def test_alpha_gan_offset_loss_is_checked():
+    from medgen.training.steps import create_step
+
+    assert create_step("alpha-gan", maps_from_reconstruction=True, offset_loss="mse").offset_loss == "mse"
+    with pytest.raises(MedgenError, match="offset_loss"):
+        create_step("alpha-gan", maps_from_reconstruction=True, offset_loss="huber")
+    with pytest.raises(MedgenError, match="maps_from_reconstruction"):
+        create_step("alpha-gan", offset_loss="mse")

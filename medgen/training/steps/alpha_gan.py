@@ -43,6 +43,11 @@ class AlphaGANStep(Step):
             class offset) learn from the L1 term alone. Why: a map is one parameter per voxel, with no
             convolution between it and the critic, so the critic's high-frequency gradients print straight
             into it as speckle and checkerboards; the fields and weights still learn from every term.
+        offset_loss: with maps_from_reconstruction, the reconstruction loss the class offset learns from: "l1"
+            (the template's) or "mse" (l1_weight * squared error). Why: under L1 each offset voxel settles at
+            the median residual of its class, which leaves a structure that only some subjects have (large
+            ventricles) unexplained and the class's mean anatomy off; under the squared error it settles at
+            the mean residual. The template keeps L1 (a median of misregistered edges stays sharp).
     """
 
     variant: str = "wgan-gp"
@@ -53,10 +58,15 @@ class AlphaGANStep(Step):
     beta2: float = 0.9
     d_lr_scale: float = 1.0
     maps_from_reconstruction: bool = False
+    offset_loss: str = "l1"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise MedgenError(f"steps.alpha-gan: variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.offset_loss not in ("l1", "mse"):
+            raise MedgenError(f"steps.alpha-gan: offset_loss must be l1 or mse, got {self.offset_loss!r}")
+        if self.offset_loss != "l1" and not self.maps_from_reconstruction:
+            raise MedgenError("steps.alpha-gan: offset_loss needs maps_from_reconstruction: true")
 
     def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
         betas = (self.beta1, self.beta2)
@@ -71,13 +81,19 @@ class AlphaGANStep(Step):
         }
 
     @staticmethod
-    def _reconstruction_only(G: nn.Module, l1_term: torch.Tensor, ctx: StepContext) -> list:
-        """Hooks that replace the gradient of G's free maps by that of the L1 term (scaled like the loss under
-        fp16); remove them after the backward pass."""
-        maps = [p for p in (getattr(G, "template", None), getattr(G.offset, "weight", None)) if p is not None]
-        if not maps:
+    def _reconstruction_only(G: nn.Module, template_term: torch.Tensor, offset_term: torch.Tensor,
+                             ctx: StepContext) -> list:
+        """Hooks that replace the gradient of G's free maps by that of their reconstruction term (template,
+        class offset; scaled like the loss under fp16); remove them after the backward pass."""
+        pairs = [(p, t) for p, t in ((getattr(G, "template", None), template_term),
+                                     (getattr(G.offset, "weight", None), offset_term)) if p is not None]
+        if not pairs:
             return []
-        grads = torch.autograd.grad(l1_term, maps, retain_graph=True, allow_unused=True)
+        maps = [p for p, _ in pairs]
+        if all(t is pairs[0][1] for _, t in pairs):  # one term for both maps: one backward pass
+            grads = list(torch.autograd.grad(pairs[0][1], maps, retain_graph=True, allow_unused=True))
+        else:
+            grads = [torch.autograd.grad(t, p, retain_graph=True, allow_unused=True)[0] for p, t in pairs]
         scaler = ctx.scalers.get("encoder_generator")
         factor = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         return [p.register_hook(lambda _, g=g, p=p: (torch.zeros_like(p) if g is None else g * factor))
@@ -118,7 +134,12 @@ class AlphaGANStep(Step):
             adv = self._gen_loss(both_score)  # mean over reconstructions and prior samples
             code_adv = self._gen_loss(code_score)
             eg_loss = self.l1_weight * l1 + 2.0 * adv + self.code_weight * code_adv
-            hooks = self._reconstruction_only(G, self.l1_weight * l1, ctx) if self.maps_from_reconstruction else []
+            hooks = []
+            if self.maps_from_reconstruction:
+                l1_term = self.l1_weight * l1
+                offset_term = l1_term if self.offset_loss == "l1" else \
+                    self.l1_weight * losses.reconstruction(recon, x, "mse")
+                hooks = self._reconstruction_only(G, l1_term, offset_term, ctx)
             ctx.backward_step(eg_loss, opt["encoder_generator"], "encoder_generator")
             for hook in hooks:
                 hook.remove()
