@@ -3,7 +3,8 @@
 The prediction is the argmax of the decoder weights. Scenes: foreground ARI (background ids excluded,
 per image, then averaged), full ARI, mean segmentation covering, per-decoder mask area (collapse
 shows as decoders with ~0 area). Volumes: Dice of decoders vs tissue classes after Hungarian matching.
-Latent probe: per-decoder latents -> which shapes are present, cross-validated, next to a baseline.
+Latent probe: per-decoder latents -> which shapes are present, cross-validated, next to a baseline; object
+probe: each object's matched decoder latent -> the object's shape (the property-prediction protocol).
 Baselines for the segmentation itself: k-means and a Gaussian mixture on pixel colour (per image, K groups).
 """
 
@@ -214,6 +215,81 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
         }
     results["positive_rate"] = {n: float(y[:, j].mean()) for j, n in enumerate(names)}
     return results
+
+
+def match_objects(true: np.ndarray, pred: np.ndarray, object_ids: Sequence[int], k: int) -> dict[int, int]:
+    """One decoder per object by Hungarian matching on IoU (an object whose decoder has no pixel of it stays
+    unmatched): true [*S] ids, pred [*S] decoder index, object_ids the ids to match -> {object id: decoder}."""
+    t, p = np.asarray(true).reshape(-1), np.asarray(pred).reshape(-1)
+    ids = list(object_ids)
+    if not ids:
+        return {}
+    inter = np.zeros((len(ids), k))
+    for r, oid in enumerate(ids):
+        inter[r] = np.bincount(p[t == oid], minlength=k)[:k]
+    sizes_t = inter.sum(1, keepdims=True)
+    sizes_p = np.bincount(p, minlength=k)[:k][None, :]
+    iou = inter / np.maximum(sizes_t + sizes_p - inter, 1)
+    rows, cols = linear_sum_assignment(-iou)
+    return {ids[r]: int(c) for r, c in zip(rows, cols, strict=True) if inter[r, c] > 0}
+
+
+def object_probe(mu: np.ndarray, pred: np.ndarray, masks: np.ndarray, objects: Sequence[Sequence[dict[str, Any]]],
+                 groups: Sequence[str], *, names: Sequence[str], folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Predict each object's shape from the latent of the decoder that took it, cross-validated by scene.
+
+    The property-prediction protocol of object-centric models (IODINE, Slot Attention): every visible object
+    is matched to one decoder (Hungarian, IoU of its pixels with the decoder's argmax region) and a standardised
+    logistic regression maps that decoder's posterior mean to the object's shape (GroupKFold over scene ids).
+    Unlike `latent_probe`, which must find the shapes among K exchangeable latents, this asks whether the
+    latent of the decoder holding an object says what the object is.
+
+    Args:
+        mu: [N, K, L] posterior means.
+        pred: [N, *S] decoder index per pixel.
+        masks: [N, *S] true ids.
+        objects: per item, dicts with "id", "shape" and "visible_pixels".
+        groups: scene id per item.
+        names: the shape names (classes).
+        folds: CV folds (fewer when there are fewer scenes).
+        seed: random state of the classifier.
+    Returns:
+        {"objects", "matched" (fraction of visible objects given a decoder), "balanced_accuracy" (chance
+        1 / len(names)), "one_vs_rest_balanced_accuracy" (mean over shapes of "is it this shape?", chance 0.5),
+        "baseline" (the training folds' majority), "per_shape" recall, "folds"}.
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    rows, labels, scene, visible = [], [], [], 0
+    for i, objs in enumerate(objects):
+        ids = [int(o["id"]) for o in objs if int(o.get("visible_pixels", 1)) > 0]
+        visible += len(ids)
+        match = match_objects(masks[i], pred[i], ids, mu.shape[1])
+        for o in objs:
+            if int(o["id"]) in match:
+                rows.append(mu[i, match[int(o["id"])]])
+                labels.append(list(names).index(o["shape"]))
+                scene.append(groups[i])
+    out: dict[str, Any] = {"objects": len(labels), "matched": len(labels) / visible if visible else float("nan"),
+                           "labels": list(names)}
+    y, g = np.asarray(labels, dtype=np.int64), np.asarray(scene)
+    k = min(folds, len(np.unique(g))) if len(g) else 0
+    if k < 2 or len(np.unique(y)) < 2:
+        out["error"] = "need matched objects of at least 2 shapes in at least 2 scenes"
+        return out
+    cv = GroupKFold(n_splits=k)
+    x = np.stack(rows)
+    est = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
+    pred_y = cross_val_predict(est, x, y, cv=cv, groups=g)
+    base_y = cross_val_predict(DummyClassifier(strategy="most_frequent"), x, y, cv=cv, groups=g)
+    present = [j for j in range(len(names)) if np.any(y == j)]
+    out.update({
+        "folds": k,
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred_y)),
+        "one_vs_rest_balanced_accuracy": float(np.mean([balanced_accuracy_score(y == j, pred_y == j) for j in present])),
+        "baseline": float(balanced_accuracy_score(y, base_y)),
+        "per_shape": {names[j]: float(np.mean(pred_y[y == j] == j)) for j in present},
+    })
+    return out
 
 
 COLOUR_BASELINES = ("kmeans", "gmm")

@@ -34,6 +34,7 @@ from medgen.evaluation.segmentation import (
     argmax_segmentation,
     colour_clusters,
     latent_probe,
+    object_probe,
     scene_metrics,
     tissue_dice,
 )
@@ -142,6 +143,9 @@ def segment(checkpoint: str | Path, data: str | Path | ImageSet, out: str | Path
         if "shapes_present" in ds.extras:
             metrics["probe"] = latent_probe(mu.numpy(), ds.extras["shapes_present"].numpy(), ds.subjects,
                                             names=SHAPES, seed=seed)
+        if "objects" in ds.extras:
+            metrics["object_probe"] = object_probe(mu.numpy(), pred.numpy(), ds.extras["masks"].numpy(),
+                                                   ds.extras["objects"], ds.subjects, names=SHAPES, seed=seed)
     if "tissue" in ds.extras:
         metrics["tissue"] = tissue_dice(pred, ds.extras["tissue"].reshape(pred.shape), k)
     baselines: dict[str, Any] = {}

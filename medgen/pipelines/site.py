@@ -535,6 +535,16 @@ def _segment_run(path: Path) -> Run:
                             caption=f"which shapes are present, from the latents ({probe.get('folds', '?')}-fold CV by scene)"))
         run.figures.append(("probe bal. acc", fmt(probe["probe"].get("mean_balanced_accuracy"), 3),
                             _sortval(probe["probe"].get("mean_balanced_accuracy"))))
+    obj = m.get("object_probe")
+    if isinstance(obj, dict) and "balanced_accuracy" in obj:
+        rows = [["balanced accuracy (3 shapes)", obj["balanced_accuracy"], obj.get("baseline")],
+                ["one-vs-rest balanced accuracy", obj.get("one_vs_rest_balanced_accuracy"), 0.5],
+                ["objects matched to a decoder", obj.get("matched"), None]]
+        scores.append(table(["metric", "object probe", "baseline (majority)"], rows, cls="scores",
+                            caption=f"each object's shape from its matched decoder's latent ({obj.get('objects')} "
+                                    f"objects, {obj.get('folds', '?')}-fold CV by scene)"))
+        run.figures.append(("object probe bal. acc", fmt(obj["balanced_accuracy"], 3),
+                            _sortval(obj["balanced_accuracy"])))
     if not scores:
         scores.append(table(["metric", "value"], _flat_scalars(m)))
     run.sections.append(("Scores", scores))

@@ -42,6 +42,9 @@ def test_scenes_and_segment_cli(tmp_path):
     assert 0 <= metrics["scenes"]["msc"] <= 1 and -1 <= metrics["scenes"]["fg_ari"] <= 1
     assert len(metrics["scenes"]["mask_area"]) == 3
     assert "probe" in metrics and "baseline" in metrics["probe"]
+    obj = metrics["object_probe"]  # each object's shape from its matched decoder
+    assert obj["labels"] == ["sphere", "box", "cylinder"] and 0 <= obj["matched"] <= 1
+    assert ("balanced_accuracy" in obj) != ("error" in obj)
     # the model's scores beside the colour baselines', on the same images
     comp = metrics["comparison"]
     assert set(comp) == {"model", "kmeans", "gmm"}

@@ -10,6 +10,8 @@ from medgen.evaluation.segmentation import (
     full_ari,
     latent_probe,
     mask_areas,
+    match_objects,
+    object_probe,
     scene_metrics,
     segmentation_covering,
     tissue_dice,
@@ -102,6 +104,46 @@ def test_pooled_probe_reads_labels_whichever_decoder_holds_them():
     res = latent_probe(mu, y, groups, names=["sphere", "box", "cylinder"])
     assert res["pooled"]["mean_balanced_accuracy"] > 0.85
     assert res["pooled"]["mean_balanced_accuracy"] > res["probe"]["mean_balanced_accuracy"] + 0.1
+
+
+def test_match_objects_pairs_each_object_with_its_best_decoder():
+    true = np.zeros((4, 4), dtype=np.int64)
+    true[:2, :2], true[2:, 2:] = 2, 3  # two objects on background 0
+    pred = np.zeros((4, 4), dtype=np.int64)
+    pred[:2, :2], pred[2:, 2:], pred[3, 3] = 1, 2, 1  # decoder 1 holds object 2 and one pixel of object 3
+    assert match_objects(true, pred, [2, 3], 3) == {2: 1, 3: 2}
+    assert match_objects(true, np.zeros_like(pred), [2, 3], 3) == {2: 0}  # one decoder for two: one stays unmatched
+    assert match_objects(true, pred, [], 3) == {}
+
+
+def _probe_scenes(rng: np.random.Generator, informative: bool):
+    shapes = ["sphere", "box", "cylinder"]
+    n, k, size = 90, 3, 6
+    masks, pred = np.zeros((n, size, size), dtype=np.int64), np.zeros((n, size, size), dtype=np.int64)
+    mu, objects = rng.normal(size=(n, k, 4)), []
+    for i in range(n):
+        holders = rng.permutation([1, 2])  # which decoder takes which object changes per scene
+        objs = []
+        for j, (rows, dec) in enumerate(zip((slice(0, 3), slice(3, 6)), holders, strict=True)):
+            shape = int(rng.integers(3))
+            masks[i, rows, 2:5], pred[i, rows, 2:5] = 2 + j, dec
+            if informative:
+                mu[i, dec, shape] += 4.0  # the holder's latent says the shape
+            objs.append({"id": 2 + j, "shape": shapes[shape], "visible_pixels": 9})
+        objects.append(objs)
+    return mu, pred, masks, objects, [f"s{i}" for i in range(n)], shapes
+
+
+def test_object_probe_reads_the_shape_from_the_matched_decoder():
+    rng = np.random.default_rng(0)
+    mu, pred, masks, objects, groups, shapes = _probe_scenes(rng, True)
+    res = object_probe(mu, pred, masks, objects, groups, names=shapes)
+    assert res["objects"] == 180 and res["matched"] == 1.0
+    assert res["balanced_accuracy"] > 0.9 and res["one_vs_rest_balanced_accuracy"] > 0.9
+    assert abs(res["baseline"] - 1 / 3) < 0.05
+    mu, pred, masks, objects, groups, shapes = _probe_scenes(rng, False)
+    noise = object_probe(mu, pred, masks, objects, groups, names=shapes)
+    assert noise["balanced_accuracy"] < 0.5
 
 
 def test_colour_baselines_recover_flat_coloured_regions():
