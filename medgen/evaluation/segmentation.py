@@ -279,7 +279,11 @@ def object_probe(mu: np.ndarray, pred: np.ndarray, masks: np.ndarray, objects: S
     cv = GroupKFold(n_splits=k)
     x = np.stack(rows)
     est = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
-    pred_y = cross_val_predict(est, x, y, cv=cv, groups=g)
+    try:
+        pred_y = cross_val_predict(est, x, y, cv=cv, groups=g)
+    except ValueError:  # a training fold holds one shape only (tiny test sets)
+        out["error"] = "a training fold holds objects of one shape only"
+        return out
     base_y = cross_val_predict(DummyClassifier(strategy="most_frequent"), x, y, cv=cv, groups=g)
     present = [j for j in range(len(names)) if np.any(y == j)]
     out.update({
