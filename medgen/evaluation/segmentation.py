@@ -118,11 +118,10 @@ def scene_metrics(true_masks: Any, pred: Any, background_ids: Sequence[Sequence[
     }
 
 
-def dice_matrix(pred: torch.Tensor, true: torch.Tensor, num_decoders: int, classes: Sequence[int]) -> np.ndarray:
-    """Dice of every decoder's mask vs every true class, pooled over the whole set, [K, len(classes)].
-
-    Computed from the contingency table (MONAI's Dice compares matched channels only, not all pairs).
-    """
+def overlap_table(pred: Any, true: Any, num_decoders: int,
+                  classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contingency of every decoder's mask with every true class, in pixels (voxels): (intersections
+    [K, len(classes)], decoder areas [K], class areas [len(classes)]), float64."""
     p = _flat(pred).astype(np.int64)
     t = _flat(true).astype(np.int64)
     size = max(int(t.max(initial=0)), max(classes)) + 1
@@ -131,6 +130,15 @@ def dice_matrix(pred: torch.Tensor, true: torch.Tensor, num_decoders: int, class
     inter = table[:, list(classes)].astype(np.float64)
     pred_area = np.bincount(p, minlength=num_decoders)[:num_decoders].astype(np.float64)
     true_area = np.array([(t == c).sum() for c in classes], dtype=np.float64)
+    return inter, pred_area, true_area
+
+
+def dice_matrix(pred: torch.Tensor, true: torch.Tensor, num_decoders: int, classes: Sequence[int]) -> np.ndarray:
+    """Dice of every decoder's mask vs every true class, pooled over the whole set, [K, len(classes)].
+
+    Computed from the contingency table (MONAI's Dice compares matched channels only, not all pairs).
+    """
+    inter, pred_area, true_area = overlap_table(pred, true, num_decoders, classes)
     denom = pred_area[:, None] + true_area[None, :]
     return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 0.0)
 
@@ -220,16 +228,12 @@ def latent_probe(mu: np.ndarray, targets: np.ndarray, groups: Sequence[str], *, 
 def match_objects(true: np.ndarray, pred: np.ndarray, object_ids: Sequence[int], k: int) -> dict[int, int]:
     """One decoder per object by Hungarian matching on IoU (an object whose decoder has no pixel of it stays
     unmatched): true [*S] ids, pred [*S] decoder index, object_ids the ids to match -> {object id: decoder}."""
-    t, p = np.asarray(true).reshape(-1), np.asarray(pred).reshape(-1)
     ids = list(object_ids)
     if not ids:
         return {}
-    inter = np.zeros((len(ids), k))
-    for r, oid in enumerate(ids):
-        inter[r] = np.bincount(p[t == oid], minlength=k)[:k]
-    sizes_t = inter.sum(1, keepdims=True)
-    sizes_p = np.bincount(p, minlength=k)[:k][None, :]
-    iou = inter / np.maximum(sizes_t + sizes_p - inter, 1)
+    inter, pred_area, true_area = overlap_table(pred, true, k, ids)
+    inter = inter.T  # [objects, K]
+    iou = inter / np.maximum(true_area[:, None] + pred_area[None, :] - inter, 1)
     rows, cols = linear_sum_assignment(-iou)
     return {ids[r]: int(c) for r, c in zip(rows, cols, strict=True) if inter[r, c] > 0}
 

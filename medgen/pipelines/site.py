@@ -537,7 +537,7 @@ def _segment_run(path: Path) -> Run:
                             _sortval(probe["probe"].get("mean_balanced_accuracy"))))
     obj = m.get("object_probe")
     if isinstance(obj, dict) and "balanced_accuracy" in obj:
-        rows = [["balanced accuracy (3 shapes)", obj["balanced_accuracy"], obj.get("baseline")],
+        rows = [[f"balanced accuracy ({len(obj.get('labels', []))} shapes)", obj["balanced_accuracy"], obj.get("baseline")],
                 ["one-vs-rest balanced accuracy", obj.get("one_vs_rest_balanced_accuracy"), 0.5],
                 ["objects matched to a decoder", obj.get("matched"), None]]
         scores.append(table(["metric", "object probe", "baseline (majority)"], rows, cls="scores",
