@@ -59,6 +59,8 @@ class AlphaGAN(nn.Module):
             FittedIntensities).
         intensity_smooth: with match_intensities, the SD in voxels of a Gaussian that first smooths away the
             generator's own voxel-scale texture (speckle, checkerboards) inside the brain; 0: none.
+        intensity_sharpen: with match_intensities, add back the samples' edge detail inside the brain with a gain
+            fitted during training so that it matches the training volumes' (FittedIntensities.fit_gain).
     """
 
     compile_children = ("encoder", "generator")  # both critics stay eager (gradient penalties: double backward)
@@ -69,7 +71,8 @@ class AlphaGAN(nn.Module):
                  conditional_encoder: bool = False, class_prior: bool = False, class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
                  noise: bool = False, sample_prior: str = "standard",
-                 match_intensities: bool = False, intensity_smooth: float = 0.0) -> None:
+                 match_intensities: bool = False, intensity_smooth: float = 0.0,
+                 intensity_sharpen: bool = False) -> None:
         super().__init__()
         check_common("model 'alpha-gan'", spatial_dims=spatial_dims, in_channels=in_channels,
                      num_classes=num_classes, image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -88,7 +91,8 @@ class AlphaGAN(nn.Module):
             max_displacement=max_displacement, noise=noise)
         self.code_discriminator = CodeDiscriminator(latent_dim=latent_dim, hidden=code_hidden)
         self.code_prior = fitted_prior("model 'alpha-gan'", sample_prior, num_classes, latent_dim)
-        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth,
+                                                   intensity_sharpen)
         self.prior = nn.Embedding(num_classes, latent_dim) if class_prior else None  # m_y, zero at the start
         if self.prior is not None:
             nn.init.zeros_(self.prior.weight)

@@ -232,7 +232,11 @@ class FittedIntensities(nn.Module):
     energy 4 real SDs above the training volumes' on the 30-minute gan) is smoothed away inside the brain (a
     Gaussian of `smooth` voxels, normalised by the smoothed brain mask so the edge stays sharp): the noise of the
     output is then the fitted one; for an output already smoother than the training volumes (the vae's) it costs
-    detail. Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
+    detail. Optionally too (`sharpen`), the opposite for an output smoother than the training volumes (the
+    alpha-gan's tissue edges: edge energy 1.1 real SDs below the training volumes'): the detail x - blur(x) inside
+    the brain (a Gaussian of SHARPEN_SIGMA voxels, normalised as above) is added back with a gain, fitted on the
+    model's own samples (`fit_gain`) so that the output's mean detail energy equals the training volumes'.
+    Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
     averaging quantile functions over subjects with different brain sizes does not invent edge intensities no
     real volume has: voxels below a threshold halfway between the background and the darkest foreground become
     background, the rest are matched to the mean quantile function of the foreground. Until `fit` runs it is the
@@ -243,13 +247,18 @@ class FittedIntensities(nn.Module):
         num_quantiles: points of each quantile function.
         rank: principal directions of the per-class quantile-function variation (0: the class mean for all).
         smooth: SD in voxels of the Gaussian that removes the generator's voxel-scale texture (0: none).
+        sharpen: restore the training volumes' edge detail with a fitted gain (see `fit_gain`).
     """
 
     MIN_BACKGROUND = 0.01  # mean background fraction below which the volumes are matched as a whole
+    SHARPEN_SIGMA = 0.7  # voxels: the scale of the detail that `sharpen` restores
+    MAX_GAIN = 4.0
 
-    def __init__(self, num_classes: int, num_quantiles: int = 1024, rank: int = 8, smooth: float = 0.0) -> None:
+    def __init__(self, num_classes: int, num_quantiles: int = 1024, rank: int = 8, smooth: float = 0.0,
+                 sharpen: bool = False) -> None:
         super().__init__()
         self.smooth = float(smooth)
+        self.sharpen = bool(sharpen)
         k = max(num_classes, 1)
         self.register_buffer("quantiles", torch.zeros(k, num_quantiles))  # [K, Q] of the foreground
         self.register_buffer("directions", torch.zeros(k, rank, num_quantiles))  # [K, R, Q] unit principal axes
@@ -258,6 +267,8 @@ class FittedIntensities(nn.Module):
         self.register_buffer("background", torch.tensor(-1.0))  # the background intensity
         self.register_buffer("threshold", torch.tensor(-2.0))  # at or below: background (finite: checkpoints)
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("detail_target", torch.tensor(0.0))  # training volumes' mean detail energy
+        self.register_buffer("gain", torch.tensor(0.0))  # of the detail added back (sharpen; set by fit_gain)
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -291,7 +302,49 @@ class FittedIntensities(nn.Module):
             self.log_noise[k] = torch.stack([log_sd[rows].mean(), spread]).to(self.log_noise)
         self.background.fill_(low)
         self.threshold.fill_(threshold)
+        if self.sharpen:
+            energy = torch.cat([self.detail_energy(images[i : i + 32].detach().cpu().float(), threshold)
+                                for i in range(0, images.shape[0], 32)])
+            self.detail_target.fill_(float(energy.mean()))
         self.fitted.fill_(True)
+
+    @torch.no_grad()
+    def fit_gain(self, samples: torch.Tensor, labels: torch.Tensor, steps: int = 4) -> float:
+        """Set the gain of `sharpen` so that the layer's output for the model's raw samples [B, C, *S] with labels
+        [B] has the training volumes' mean detail energy: secant steps on the gain in [0, MAX_GAIN] (the energy
+        grows about linearly with it); 0 when the samples already have as much detail. Returns the gain."""
+        if not (self.sharpen and bool(self.fitted)):
+            return float(self.gain)
+        threshold, target = float(self.threshold), float(self.detail_target)
+
+        def excess(gain: float) -> float:
+            self.gain.fill_(gain)
+            return float(self.detail_energy(self(samples, labels).float(), threshold).mean()) - target
+
+        a0, e0 = 0.0, excess(0.0)
+        if e0 >= 0:
+            self.gain.fill_(0.0)
+            return 0.0
+        a1, e1 = 1.0, excess(1.0)
+        for _ in range(steps):
+            if abs(e1) < 1e-3 * target or abs(e1 - e0) < 1e-9:  # converged (0.1 %), or flat
+                break
+            a0, e0, a1 = a1, e1, min(max(a1 - e1 * (a1 - a0) / (e1 - e0), 0.0), self.MAX_GAIN)
+            e1 = excess(a1)
+        self.gain.fill_(a1)
+        return a1
+
+    def detail(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        """x [B, C, *S] minus its blur (SHARPEN_SIGMA) inside the foreground (voxels above threshold); 0 outside."""
+        fg = (x > threshold).to(x.dtype)
+        blur = GaussianFilter(x.ndim - 2, self.SHARPEN_SIGMA).to(x.device)
+        inside = blur(x * fg) / blur(fg).clamp(min=1e-3)
+        return (x - inside) * fg
+
+    def detail_energy(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Mean |detail| over the foreground of each image x [B, C, *S] -> [B]."""
+        fg = (x > threshold).flatten(1).to(x.dtype)
+        return (self.detail(x, threshold).abs().flatten(1) * fg).sum(1) / fg.sum(1).clamp(min=1)
 
     def match(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """x [B, V] mapped by rank onto the quantile functions table [B, Q] (the background apart)."""
@@ -326,6 +379,8 @@ class FittedIntensities(nn.Module):
         log_noise = w @ log_noise  # [B, 2]
         threshold = float(self.threshold)
         smooth = self.smoothed(x.float(), threshold)
+        if self.sharpen and float(self.gain) > 0:
+            smooth = smooth + float(self.gain) * self.detail(smooth, threshold)
         matched = self.match(smooth.reshape(x.shape[0], -1), table).reshape(x.shape)  # [B, C, *S]
         have = noise_sd(matched, threshold).to(matched)  # [B]
         noisy = []
@@ -348,16 +403,21 @@ class FittedIntensities(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # checkpoints written before the quantile-function variation existed: no variation (their behaviour)
-        for name in ("directions", "spread"):
+        # and before `sharpen`: no detail added (gain 0)
+        for name in ("directions", "spread", "detail_target", "gain"):
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def fitted_intensities(match_intensities: bool, num_classes: int, smooth: float = 0.0) -> FittedIntensities | None:
-    """The FittedIntensities a `match_intensities` / `intensity_smooth` setting asks for (None when off)."""
+def fitted_intensities(match_intensities: bool, num_classes: int, smooth: float = 0.0,
+                       sharpen: bool = False) -> FittedIntensities | None:
+    """The FittedIntensities a `match_intensities` / `intensity_smooth` / `intensity_sharpen` setting asks for
+    (None when off)."""
     if smooth < 0:
         raise MedgenError(f"intensity_smooth must be >= 0 (voxels), got {smooth}")
-    return FittedIntensities(num_classes, smooth=smooth) if match_intensities else None
+    if sharpen and not match_intensities:
+        raise MedgenError("intensity_sharpen needs match_intensities: true")
+    return FittedIntensities(num_classes, smooth=smooth, sharpen=sharpen) if match_intensities else None
 
 
 class ClassConditionedLinear(nn.Module):

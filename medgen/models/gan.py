@@ -50,6 +50,8 @@ class GAN(nn.Module):
             FittedIntensities).
         intensity_smooth: with match_intensities, the SD in voxels of a Gaussian that first smooths away the
             generator's own voxel-scale texture (speckle, checkerboards) inside the brain; 0: none.
+        intensity_sharpen: with match_intensities, add back the samples' edge detail inside the brain with a gain
+            fitted during training so that it matches the training volumes' (FittedIntensities.fit_gain).
     """
 
     compile_children = ("generator",)  # the critic stays eager (gradient penalty: double backward)
@@ -58,7 +60,8 @@ class GAN(nn.Module):
                  base_width: int = 8, latent_dim: int = 128, upsample: str = "transpose", g_norm: str = "batch",
                  d_norm: str = "layer", class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
-                 noise: bool = False, match_intensities: bool = False, intensity_smooth: float = 0.0) -> None:
+                 noise: bool = False, match_intensities: bool = False, intensity_smooth: float = 0.0,
+                 intensity_sharpen: bool = False) -> None:
         super().__init__()
         check_common("model 'gan'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -69,7 +72,8 @@ class GAN(nn.Module):
             base_width=base_width, latent_dim=latent_dim, upsample=upsample, g_norm=g_norm, d_norm=d_norm,
             class_offset=class_offset, output=generator_output, warp_size=warp_size,
             max_displacement=max_displacement, noise=noise)
-        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth,
+                                                   intensity_sharpen)
 
     @property
     def observation_noise(self) -> bool:

@@ -60,6 +60,8 @@ class VAE(nn.Module):
             FittedIntensities).
         intensity_smooth: with match_intensities, the SD in voxels of a Gaussian that first smooths away the
             generator's own voxel-scale texture (speckle, checkerboards) inside the brain; 0: none.
+        intensity_sharpen: with match_intensities, add back the samples' edge detail inside the brain with a gain
+            fitted during training so that it matches the training volumes' (FittedIntensities.fit_gain).
     """
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, image_size: int = 64,
@@ -67,7 +69,8 @@ class VAE(nn.Module):
                  logvar_clamp: float = 10.0, class_prior: bool = False, class_offset: bool = False,
                  generator_output: str = "image", warp_size: int = 0, max_displacement: float = 0.2,
                  noise: bool = False, sample_prior: str = "standard",
-                 match_intensities: bool = False, intensity_smooth: float = 0.0) -> None:
+                 match_intensities: bool = False, intensity_smooth: float = 0.0,
+                 intensity_sharpen: bool = False) -> None:
         super().__init__()
         check_common("model 'vae'", spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes,
                      image_size=image_size, base_width=base_width, latent_dim=latent_dim)
@@ -91,7 +94,8 @@ class VAE(nn.Module):
                                  output=generator_output, warp_size=warp_size, max_displacement=max_displacement,
                                  noise=noise)
         self.code_prior = fitted_prior("model 'vae'", sample_prior, num_classes, latent_dim)
-        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth)
+        self.intensity_prior = fitted_intensities(match_intensities, num_classes, intensity_smooth,
+                                                   intensity_sharpen)
 
     def prior_mean(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """m_y [B, latent_dim] for labels [B] (or class weights [B, K]); zeros without a class prior."""

@@ -138,3 +138,47 @@ def test_training_fits_the_layer_to_the_training_volumes(tiny_fit, name):
     assert torch.isfinite(q).all() and (q[:, 1:] >= q[:, :-1]).all()  # quantile functions: non-decreasing
     assert torch.isfinite(state["intensity_prior.log_noise"]).all()
     assert torch.isfinite(state["intensity_prior.directions"]).all() and (state["intensity_prior.spread"] >= 0).all()
+
+
+def test_the_detail_gain_restores_the_training_volumes_edge_detail():
+    real = torch.cat([brains(1, 20 + i, noise=0.0) + 0.0 for i in range(12)])
+    # sharp structure inside: a stripe pattern on top of the gradient, as tissue edges
+    stripes = (torch.arange(16.0) // 2 % 2 * 0.3)[None, None, :, None, None].expand_as(real)
+    real = torch.where(real > -1, (real + stripes).clamp(-0.8, 1), real)
+    labels = torch.zeros(12, dtype=torch.long)
+    layer = FittedIntensities(1, num_quantiles=256, rank=0, sharpen=True)
+    layer.fit(real, labels)
+    threshold = float(layer.threshold)
+    blurred = FittedIntensities(1, smooth=0.5).smoothed(real, threshold)  # the same, smoother inside
+    assert float(layer.detail_energy(blurred, threshold).mean()) < 0.7 * float(layer.detail_target)
+    gain = layer.fit_gain(blurred, labels)
+    assert 0 < gain <= FittedIntensities.MAX_GAIN
+    energy = float(layer.detail_energy(layer(blurred, labels), threshold).mean())
+    assert abs(energy - float(layer.detail_target)) < 0.02 * float(layer.detail_target)
+    # samples with more detail than the training volumes get none added
+    noisy = torch.where(real > -1, real + 0.2 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0)),
+                        real)
+    assert layer.fit_gain(noisy, labels) == 0.0 and float(layer.gain) == 0.0
+
+
+def test_the_detail_gain_is_a_setting_that_needs_matching_and_old_layers_load_without_it():
+    model = create_model("alpha-gan", spatial_dims=3, image_size=16, base_width=4, latent_dim=4,
+                         match_intensities=True, intensity_sharpen=True)
+    assert model.intensity_prior.sharpen and float(model.intensity_prior.gain) == 0.0
+    with pytest.raises(MedgenError, match="intensity_sharpen"):
+        create_model("vae", spatial_dims=3, image_size=16, base_width=4, latent_dim=4, intensity_sharpen=True)
+    layer = FittedIntensities(1, num_quantiles=64)
+    layer.fit(brains(6, 1), torch.zeros(6, dtype=torch.long))
+    state = {k: v for k, v in layer.state_dict().items() if k not in ("gain", "detail_target")}
+    old = FittedIntensities(1, num_quantiles=64, sharpen=True)
+    old.load_state_dict(state)  # strict: no gain saved -> none added
+    x = brains(1, 3, noise=0.0)
+    torch.testing.assert_close(old(x, torch.tensor([0])), layer(x, torch.tensor([0])))
+
+
+@pytest.mark.parametrize("name", ["gan", "alpha-gan"])
+def test_training_fits_the_detail_gain(tiny_fit, name):
+    state = tiny_fit(name, base_width=4, latent_dim=8, match_intensities=True, intensity_sharpen=True)
+    assert float(state["intensity_prior.detail_target"]) > 0  # the random training volumes' detail
+    gain = float(state["intensity_prior.gain"])
+    assert 0.0 <= gain <= FittedIntensities.MAX_GAIN and torch.isfinite(state["intensity_prior.gain"])
