@@ -108,10 +108,15 @@ class UpBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+def is_soft(labels: torch.Tensor) -> bool:
+    """Whether labels are class weights [B, K] (a soft condition) rather than class indices [B]."""
+    return labels.is_floating_point() and labels.ndim == 2
+
+
 def embed_labels(embedding: nn.Embedding, labels: torch.Tensor) -> torch.Tensor:
     """Rows of `embedding` for labels [B] (class indices), or for labels [B, K] (class weights, a soft condition:
     the weighted mean of the classes' rows) -> [B, F]."""
-    if labels.is_floating_point() and labels.ndim == 2:
+    if is_soft(labels):
         return labels.to(embedding.weight.dtype) @ embedding.weight  # [B, K] @ [K, F] -> [B, F]
     return embedding(labels)
 
@@ -180,7 +185,7 @@ class FittedCodePrior(nn.Module):
 def gaussian_codes(loc: torch.Tensor, tril: torch.Tensor, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """loc_y + tril_y z for per-class means loc [K, L] and Cholesky factors tril [K, L, L]; class weights labels
     [B, K] take the weighted mean of the means and of the factors."""
-    if labels.is_floating_point() and labels.ndim == 2:
+    if is_soft(labels):
         w = labels.to(loc.dtype)
         loc, tril = w @ loc, torch.einsum("bk,kij->bij", w, tril)
     else:
@@ -368,7 +373,7 @@ class FittedIntensities(nn.Module):
         if not bool(self.fitted):
             return x
         k = self.quantiles.shape[0]
-        w = (labels.float() if labels.is_floating_point() and labels.ndim == 2
+        w = (labels.float() if is_soft(labels)
              else nn.functional.one_hot(labels.long(), k).float()).to(x.device)  # [B, K]
         quantiles, log_noise = self.quantiles.to(x.device, torch.float32), self.log_noise.to(x.device, torch.float32)
         axes = (self.spread[..., None] * self.directions).to(x.device, torch.float32)  # [K, R, Q]

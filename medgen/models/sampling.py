@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from medgen.errors import MedgenError
-from medgen.models.blocks import gaussian_codes
+from medgen.models.blocks import gaussian_codes, is_soft
 
 
 def draw_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def draw_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
 def as_labels(labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """Class indices [N] as int64, or class weights [N, K] kept as they are (soft conditions)."""
     labels = torch.as_tensor(labels)
-    if not (labels.is_floating_point() and labels.ndim == 2):
+    if not is_soft(labels):
         labels = labels.to(torch.int64).reshape(-1)
     return labels
 
