@@ -240,7 +240,8 @@ class FittedIntensities(nn.Module):
     detail. Optionally too (`sharpen`), the opposite for an output smoother than the training volumes (the
     alpha-gan's tissue edges: edge energy 1.1 real SDs below the training volumes'): the detail x - blur(x) inside
     the brain (a Gaussian of SHARPEN_SIGMA voxels, normalised as above) is added back with a gain, fitted on the
-    model's own samples (`fit_gain`) so that the output's mean detail energy equals the training volumes'.
+    model's own samples (`fit_gain`) so that the output's mean detail energy equals the training volumes'; no
+    voxel is moved across the brain / background split.
     Brain-extracted volumes (a background at the minimum intensity) are matched in two parts, so that
     averaging quantile functions over subjects with different brain sizes does not invent edge intensities no
     real volume has: voxels below a threshold halfway between the background and the darkest foreground become
@@ -385,7 +386,10 @@ class FittedIntensities(nn.Module):
         threshold = float(self.threshold)
         smooth = self.smoothed(x.float(), threshold)
         if self.sharpen and float(self.gain) > 0:
-            smooth = smooth + float(self.gain) * self.detail(smooth, threshold)
+            sharp = smooth + float(self.gain) * self.detail(smooth, threshold)
+            # no voxel crosses the brain / background split: sharpened, the brain's dark rim fell below it (3 % of
+            # the brain at gain 0.68) and the matching made it background, which the anatomy features saw
+            smooth = torch.where(smooth > threshold, sharp.clamp(min=threshold + 1e-3), smooth)
         matched = self.match(smooth.reshape(x.shape[0], -1), table).reshape(x.shape)  # [B, C, *S]
         have = noise_sd(matched, threshold).to(matched)  # [B]
         noisy = []

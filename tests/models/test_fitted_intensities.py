@@ -182,3 +182,18 @@ def test_training_fits_the_detail_gain(tiny_fit, name):
     assert float(state["intensity_prior.detail_target"]) > 0  # the random training volumes' detail
     gain = float(state["intensity_prior.gain"])
     assert 0.0 <= gain <= FittedIntensities.MAX_GAIN and torch.isfinite(state["intensity_prior.gain"])
+
+
+def test_sharpening_keeps_the_brain_extent():
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0) - 7.5] * 3, indexing="ij")).norm(dim=0)
+    # a dark rim (CSF-like) around a bright inside: sharpened, the rim would fall below the background threshold
+    brain = torch.where(grid < 5.0, torch.tensor(0.3), torch.where(grid < 6.5, torch.tensor(-0.7), torch.tensor(-1.0)))
+    x = brain.expand(4, 1, 16, 16, 16).clone()
+    labels = torch.zeros(4, dtype=torch.long)
+    layer = FittedIntensities(1, num_quantiles=128, rank=0, sharpen=True)
+    layer.fit(x, labels)
+    threshold = float(layer.threshold)
+    detail = layer.detail(x, threshold)
+    assert bool(((x > threshold) & (x + FittedIntensities.MAX_GAIN * detail <= threshold)).any())  # would cross
+    layer.gain.fill_(FittedIntensities.MAX_GAIN)
+    torch.testing.assert_close(layer(x, labels) <= threshold, x <= threshold)  # it does not
