@@ -221,6 +221,13 @@ def content_generator(x: torch.Tensor) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def blur_inside(x: torch.Tensor, fg: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x [B, C, *S] blurred by a Gaussian of `sigma` voxels over the foreground fg (0/1, like x) only: each voxel
+    the weighted mean of its foreground neighbours, so the background does not bleed into the brain's edge."""
+    blur = GaussianFilter(x.ndim - 2, sigma).to(x.device)
+    return blur(x * fg) / blur(fg).clamp(min=1e-3)
+
+
 class FittedIntensities(nn.Module):
     """Per-class intensity distribution and noise level of the training volumes, to map samples onto.
 
@@ -343,9 +350,7 @@ class FittedIntensities(nn.Module):
     def detail(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         """x [B, C, *S] minus its blur (SHARPEN_SIGMA) inside the foreground (voxels above threshold); 0 outside."""
         fg = (x > threshold).to(x.dtype)
-        blur = GaussianFilter(x.ndim - 2, self.SHARPEN_SIGMA).to(x.device)
-        inside = blur(x * fg) / blur(fg).clamp(min=1e-3)
-        return (x - inside) * fg
+        return (x - blur_inside(x, fg, self.SHARPEN_SIGMA)) * fg
 
     def detail_energy(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         """Mean |detail| over the foreground of each image x [B, C, *S] -> [B]."""
@@ -406,9 +411,7 @@ class FittedIntensities(nn.Module):
         if self.smooth <= 0:
             return x
         fg = (x > threshold).to(x.dtype)
-        blur = GaussianFilter(x.ndim - 2, self.smooth).to(x.device)
-        inside = blur(x * fg) / blur(fg).clamp(min=1e-3)  # the mean of the foreground neighbours only
-        return torch.where(fg > 0, inside, x)
+        return torch.where(fg > 0, blur_inside(x, fg, self.smooth), x)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # checkpoints written before the quantile-function variation existed: no variation (their behaviour)

@@ -116,6 +116,7 @@ def sample_images(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     precision: Any = None,
+    match: bool = True,
 ) -> torch.Tensor:
     """Decode one latent per label with `model.sample(z, labels)`; deterministic for a given seed.
 
@@ -126,6 +127,8 @@ def sample_images(
         batch_size: images decoded per forward pass (changes results only by float rounding).
         device: where the model runs (the model is moved there).
         precision: optional runtime.Precision whose autocast wraps the decoding.
+        match: map the images onto the model's fitted intensity distribution (see `decode`); False: the raw
+            samples.
     Returns:
         [N, C, *spatial] float32 on the CPU, clamped to [-1, 1].
     """
@@ -133,7 +136,7 @@ def sample_images(
         raise MedgenError(f"model {type(model).__name__} cannot sample (no sample()/latent_dim)")
     n = len(labels)
     z = prior_codes(model, draw_latents(n, model.latent_dim, seed), labels)  # [N, latent_dim]
-    return decode(model, z, labels, batch_size=batch_size, device=device, precision=precision)
+    return decode(model, z, labels, batch_size=batch_size, device=device, precision=precision, match=match)
 
 
 def _null():

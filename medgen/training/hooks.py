@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from medgen.errors import MedgenError
-from medgen.models.sampling import can_sample, decode, draw_latents, prior_codes, sample_images
+from medgen.models.sampling import can_sample, encode, sample_images
 from medgen.training.run_dir import RunDir
 from medgen.training.state import TrainState
 from medgen.viz import save_loss_curves, save_montage
@@ -102,7 +102,8 @@ class SamplePrior:
                 intensities.fit(self.images, self.labels)
             prior = getattr(model, "code_prior", None)
             if prior is not None:
-                prior.fit(self.codes(model, state), self.labels)
+                prior.fit(encode(model, self.images, self.labels, batch_size=self.batch_size, device=state.device),
+                          self.labels)
         infer = models[-1]
         intensities = getattr(infer, "intensity_prior", None)
         if intensities is not None and intensities.sharpen:  # fitted on the EMA model's samples, used by both
@@ -110,26 +111,11 @@ class SamplePrior:
             for model in models:
                 model.intensity_prior.gain.fill_(gain)
 
-    def codes(self, model: nn.Module, state: TrainState) -> torch.Tensor:
-        """The model's codes of the training volumes [N, latent_dim] (eval mode, CPU)."""
-        was_training = model.training
-        model.eval()
-        codes = []
-        with torch.no_grad():
-            for i in range(0, len(self.labels), self.batch_size):
-                x = self.images[i : i + self.batch_size].to(state.device)
-                out = model.encode(x, self.labels[i : i + self.batch_size].to(state.device))
-                codes.append((out[0] if isinstance(out, tuple) else out).float().cpu())  # vae: (mu, logvar)
-        model.train(was_training)
-        return torch.cat(codes)
-
     def fit_gain(self, model: nn.Module, intensities: nn.Module, state: TrainState) -> float:
         """The detail gain fitted to raw samples (a fixed seed) of every class present."""
-        classes = torch.unique(self.labels)
-        labels = classes.repeat_interleave(self.gain_per_class)
-        z = prior_codes(model, draw_latents(len(labels), model.latent_dim, GAIN_SEED), labels)
-        raw = decode(model, z, labels, batch_size=self.batch_size, device=state.device, precision=state.precision,
-                     match=False)
+        labels = torch.unique(self.labels).repeat_interleave(self.gain_per_class)
+        raw = sample_images(model, labels, seed=GAIN_SEED, batch_size=self.batch_size, device=state.device,
+                            precision=state.precision, match=False)
         return intensities.fit_gain(raw, labels)
 
 
