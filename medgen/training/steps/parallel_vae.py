@@ -21,7 +21,9 @@ The last term (`mask_sparsity` s > 0; off by default) is a concave penalty on ea
 a_k (the mean of its weights over the image): with p < 1 one decoder holding a region costs less than two
 holding halves of it, so a decoder the image does not need is pushed to an empty mask instead of taking part
 of an object. The reconstruction is blind to such splits (two decoders of one colour redraw an object as well
-as one), and splits were the commonest error of the scenes preset. s ramps in with the KL schedule.
+as one), and splits were the commonest error of the scenes preset. s ramps in linearly from 0 at a fraction
+`mask_sparsity_start` of the run over the next `kl_ramp`: from the start, the penalty keeps objects in the
+background decoders (a new segment has to grow from an empty mask, where the penalty is steepest).
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ class ParallelVAEStep(Step):
     lr_final: float = 1.0
     mask_sparsity: float = 0.0
     mask_sparsity_power: float = 0.5
+    mask_sparsity_start: float = 0.0
 
     def __post_init__(self) -> None:
         what = "steps.parallel-vae"
@@ -154,6 +157,8 @@ class ParallelVAEStep(Step):
             raise MedgenError(f"{what}: mask_sparsity must be >= 0, got {self.mask_sparsity}")
         if not 0 < self.mask_sparsity_power < 1:
             raise MedgenError(f"{what}: mask_sparsity_power must be in (0, 1), got {self.mask_sparsity_power}")
+        if not 0 <= self.mask_sparsity_start < 1:
+            raise MedgenError(f"{what}: mask_sparsity_start must be in [0, 1), got {self.mask_sparsity_start}")
         if not 0 < self.kl_ramp <= 1:
             raise MedgenError(f"{what}: kl_ramp must be in (0, 1], got {self.kl_ramp}")
 
@@ -194,7 +199,8 @@ class ParallelVAEStep(Step):
         loss = recon + kl_loss
         logs = {}
         if self.mask_sparsity:
-            s = kl_multiplier(0.0, self.mask_sparsity, ctx.iteration, ctx.total_iterations, self.kl_ramp)
+            begin = int(self.mask_sparsity_start * ctx.total_iterations)
+            s = kl_multiplier(0.0, self.mask_sparsity, ctx.iteration - begin, ctx.total_iterations, self.kl_ramp)
             sparsity = mask_sparsity_term(out.weights, self.mask_sparsity_power)
             loss = loss + s * sparsity
             logs["mask_sparsity"] = sparsity.detach()
