@@ -15,7 +15,8 @@ with n the number of input elements (C * prod(S)), KL_k the KL divergence of dec
 `kl_end` over the run, m the individual multiplier and e the individual exponent. Both terms are per
 input element, so the weights transfer between 128^2 x 3 scenes and 64^3 volumes. An exponent > 1
 penalises one decoder holding much information more than several holding a little, which pushes the
-decoders to share the scene. (Reference settings that summed raw KL, g_ref, convert as g = g_ref * n**e.)
+decoders to share the scene; an exponent < 1 does the opposite (each decoder in use costs about the same
+whatever it holds, so an unused one is pushed to the prior instead of taking part of an object). (Reference settings that summed raw KL, g_ref, convert as g = g_ref * n**e.)
 
 The last term (`mask_sparsity` s > 0; off by default) is a concave penalty on each decoder's soft mask area
 a_k (the mean of its weights over the image): with p < 1 one decoder holding a region costs less than two
@@ -53,6 +54,7 @@ def kl_per_decoder(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 LIKELIHOODS = ("mse", "mixture")
+KL_EPS = 1e-5  # per-element KL shift of a concave exponent (about 0.1 nat on a 64x64 RGB image)
 
 
 def kl_multiplier(kl_start: float, kl_end: float, iteration: int, total_iterations: int, ramp: float = 1.0) -> float:
@@ -89,7 +91,10 @@ def kl_term(kl: torch.Tensor, *, elements: int, multiplier: float, individual_mu
         individual_multiplier: m.
         individual_exponent: e.
     """
-    return multiplier * (individual_multiplier * kl / elements).clamp_min(0).pow(individual_exponent).sum()
+    scaled = (individual_multiplier * kl / elements).clamp_min(0)
+    if individual_exponent < 1:  # concave: shifted so that the gradient at an unused decoder (KL 0) stays finite
+        return multiplier * ((scaled + KL_EPS).pow(individual_exponent) - KL_EPS**individual_exponent).sum()
+    return multiplier * scaled.pow(individual_exponent).sum()
 
 
 MASK_EPS = 1e-3  # keeps the gradient of (a + eps) ** p finite at an empty mask
@@ -153,6 +158,8 @@ class ParallelVAEStep(Step):
             raise MedgenError(f"{what}: lr_warmup must be >= 0, got {self.lr_warmup}")
         if not 0 < self.lr_final <= 1:
             raise MedgenError(f"{what}: lr_final must be in (0, 1], got {self.lr_final}")
+        if not self.individual_exponent > 0:
+            raise MedgenError(f"{what}: individual_exponent must be > 0, got {self.individual_exponent}")
         if self.mask_sparsity < 0:
             raise MedgenError(f"{what}: mask_sparsity must be >= 0, got {self.mask_sparsity}")
         if not 0 < self.mask_sparsity_power < 1:
