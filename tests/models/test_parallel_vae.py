@@ -487,3 +487,16 @@ def test_mask_sparsity_empties_the_decoders_an_image_does_not_need():
             areas[s] = model.eval()(x).weights.flatten(2).mean(dim=2).mean(dim=0)  # [K]
     spare = {s: a.sort().values[:2].sum().item() for s, a in areas.items()}  # the two smallest decoders' share
     assert spare[0.05] < 0.05 and spare[0.05] < spare[0.0]
+
+
+def test_concave_kl_exponent_prefers_fewer_decoders_in_use_and_keeps_gradients_finite():
+    kw = dict(elements=100, multiplier=1.0, individual_multiplier=1.0)
+    one, two = torch.tensor([20.0, 0.0]), torch.tensor([10.0, 10.0])  # the same information in one or two decoders
+    assert kl_term(one, individual_exponent=0.5, **kw) < kl_term(two, individual_exponent=0.5, **kw)
+    assert kl_term(one, individual_exponent=2.0, **kw) > kl_term(two, individual_exponent=2.0, **kw)
+    kl = torch.zeros(3, requires_grad=True)
+    value = kl_term(kl, individual_exponent=0.5, **kw)
+    value.backward()
+    assert value.item() == 0.0 and torch.isfinite(kl.grad).all() and (kl.grad > 0).all()
+    with pytest.raises(MedgenError, match="individual_exponent"):
+        create_step("parallel-vae", individual_exponent=0.0)
