@@ -84,6 +84,35 @@ def mask_areas(pred: Any, num_decoders: int) -> np.ndarray:
     return counts / max(counts.sum(), 1)
 
 
+OBJECT_PIXEL_ROLES = ("own", "background", "other_object", "spare")
+
+
+def object_pixel_roles(true: Any, pred: Any, background_ids: Sequence[int], num_decoders: int) -> np.ndarray:
+    """Where one image's object pixels went, by the role of the decoder that won them: pixel counts [4] for
+    OBJECT_PIXEL_ROLES.
+
+    Every true region (each background id, each object) is owned by the decoder that won most of its pixels.
+    An object pixel is "background" when its decoder owns a background region (an object left to the floor
+    counts here, even if that decoder also owns the object), "own" when its decoder owns its object,
+    "other_object" when the decoder owns another object (a merge, or bleeding across a border) and "spare" when
+    the decoder owns no region (the object split with a decoder that holds nothing whole).
+    """
+    t, p = _flat(true).astype(np.int64), _flat(pred).astype(np.int64)
+    owner = {int(v): int(np.bincount(p[t == v], minlength=num_decoders).argmax()) for v in np.unique(t)}
+    bg = set(background_ids)
+    bg_dec = {d for v, d in owner.items() if v in bg}
+    counts = np.zeros(len(OBJECT_PIXEL_ROLES), dtype=np.int64)
+    for v, d in owner.items():
+        if v in bg:
+            continue
+        won = np.bincount(p[t == v], minlength=num_decoders)  # [K] this object's pixels per decoder
+        others = {dd for vv, dd in owner.items() if vv != v and vv not in bg}
+        for j in np.flatnonzero(won):
+            role = 1 if j in bg_dec else 0 if j == d else 2 if j in others else 3
+            counts[role] += won[j]
+    return counts
+
+
 def scene_metrics(true_masks: Any, pred: Any, background_ids: Sequence[Sequence[int]] | Sequence[int],
                   num_decoders: int) -> dict[str, Any]:
     """Per-image metrics averaged over a set of scene images.
@@ -94,17 +123,20 @@ def scene_metrics(true_masks: Any, pred: Any, background_ids: Sequence[Sequence[
         background_ids: one list for all images, or one list per image.
         num_decoders: K.
     Returns:
-        dict with fg_ari, full_ari, msc (means over images with foreground), per-image lists, mask_area [K]
-        and decoders_used (decoders winning at least 1% of the pixels).
+        dict with fg_ari, full_ari, msc (means over images with foreground), per-image lists, mask_area [K],
+        decoders_used (decoders winning at least 1% of the pixels) and object_pixels (the share of all object
+        pixels by role, object_pixel_roles: where splits, merges and objects left to the background show).
     """
     n = len(true_masks)
     per_image = isinstance(background_ids[0], (list, tuple, np.ndarray)) if len(background_ids) else False
     fg, full, msc = [], [], []
+    roles = np.zeros(len(OBJECT_PIXEL_ROLES), dtype=np.int64)
     for i in range(n):
         bg = background_ids[i] if per_image else background_ids
         fg.append(foreground_ari(true_masks[i], pred[i], bg))
         full.append(full_ari(true_masks[i], pred[i]))
         msc.append(segmentation_covering(true_masks[i], pred[i], bg))
+        roles += object_pixel_roles(true_masks[i], pred[i], bg, num_decoders)
     area = mask_areas(pred, num_decoders)
     return {
         "images": n,
@@ -114,6 +146,8 @@ def scene_metrics(true_masks: Any, pred: Any, background_ids: Sequence[Sequence[
         "msc": float(np.nanmean(msc)) if np.isfinite(msc).any() else float("nan"),
         "mask_area": [round(float(a), 5) for a in area],
         "decoders_used": int((area >= 0.01).sum()),
+        "object_pixels": {r: round(float(c / max(roles.sum(), 1)), 4) for r, c in zip(OBJECT_PIXEL_ROLES, roles,
+                                                                                    strict=True)},
         "per_image": {"fg_ari": fg, "full_ari": full, "msc": msc},
     }
 

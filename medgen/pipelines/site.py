@@ -514,6 +514,11 @@ def _segment_run(path: Path) -> Run:
         if sc.get("mask_area"):
             scores.append(table(["decoder", "mask area"], [[f"decoder {i}", a] for i, a in enumerate(sc["mask_area"])],
                                 caption=f"argmax area per decoder ({sc.get('decoders_used', '?')} used)"))
+        if isinstance(sc.get("object_pixels"), dict):
+            scores.append(table(["decoder of the pixel", "share of object pixels"],
+                                [[role.replace("_", " "), v] for role, v in sc["object_pixels"].items()],
+                                caption="where the objects' pixels went (own decoder, a background decoder, another "
+                                        "object's, a decoder that owns no region)"))
     tissue = m.get("tissue")
     if isinstance(tissue, dict) and isinstance(tissue.get("dice"), dict):
         run.headline = len(run.figures)

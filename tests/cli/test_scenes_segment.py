@@ -2,6 +2,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -41,6 +42,9 @@ def test_scenes_and_segment_cli(tmp_path):
     assert metrics["images"] == 6 and metrics["num_decoders"] == 3
     assert 0 <= metrics["scenes"]["msc"] <= 1 and -1 <= metrics["scenes"]["fg_ari"] <= 1
     assert len(metrics["scenes"]["mask_area"]) == 3
+    roles = metrics["scenes"]["object_pixels"]  # own / background / other object / spare, shares of object pixels
+    assert list(roles) == ["own", "background", "other_object", "spare"] and sum(roles.values()) == pytest.approx(1, abs=1e-3)
+    assert "share of object pixels" in (out / "index.html").read_text()
     assert "probe" in metrics and "baseline" in metrics["probe"]
     obj = metrics["object_probe"]  # each object's shape from its matched decoder
     assert obj["labels"] == ["sphere", "box", "cylinder"] and 0 <= obj["matched"] <= 1

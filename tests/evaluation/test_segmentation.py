@@ -11,6 +11,7 @@ from medgen.evaluation.segmentation import (
     latent_probe,
     mask_areas,
     match_objects,
+    object_pixel_roles,
     object_probe,
     scene_metrics,
     segmentation_covering,
@@ -57,6 +58,19 @@ def test_scene_metrics_summary():
     assert m["per_image"]["fg_ari"][1] == pytest.approx(0.0)
     assert m["fg_ari"] == pytest.approx(np.mean(m["per_image"]["fg_ari"]))
     assert sum(m["mask_area"]) == pytest.approx(1.0)
+
+
+def test_object_pixel_roles_tell_splits_merges_and_background_apart():
+    pred = np.array([[0, 0, 3, 4, 4, 6],  # object 4 loses a pixel to decoder 6, which owns nothing: spare
+                     [1, 1, 3, 3, 4, 4],  # object 3 loses one to object 4's decoder: other_object
+                     [1, 2, 5, 5, 5, 1]])  # object 5 loses one to the floor's decoder: background
+    assert object_pixel_roles(TRUE, pred, BG, 7).tolist() == [9, 1, 1, 1]
+    assert object_pixel_roles(TRUE, TRUE, BG, 7).tolist() == [12, 0, 0, 0]
+    absorbed = np.where(TRUE == 5, 1, TRUE)  # object 5 left to the floor entirely
+    assert object_pixel_roles(TRUE, absorbed, BG, 7).tolist() == [8, 4, 0, 0]
+    m = scene_metrics(np.stack([TRUE, TRUE]), np.stack([pred, TRUE]), BG, 7)
+    assert m["object_pixels"] == pytest.approx({"own": 21 / 24, "background": 1 / 24, "other_object": 1 / 24,
+                                                "spare": 1 / 24}, abs=1e-4)
 
 
 def test_argmax_segmentation():
