@@ -11,7 +11,6 @@ from medgen.training.steps.parallel_vae import (
     kl_multiplier,
     kl_per_decoder,
     kl_term,
-    mask_sparsity_term,
     mixture_nll,
 )
 
@@ -454,39 +453,6 @@ def test_mixture_with_one_colour_per_decoder_splits_a_volume_by_intensity():
     # every class intensity has a decoder colour close to it
     for level in (-0.5, 0.2, 0.6):  # 0.2-0.4 from the starting colours -0.9, 0, 0.9
         assert (colours - level).abs().min(dim=1).values.max() < 0.15
-
-
-def test_mask_sparsity_term_favours_one_decoder_per_region():
-    one = torch.zeros(1, 3, 1, 4, 4)
-    one[:, 0, :, :2], one[:, 1, :, 2:] = 1, 1  # decoder 0 takes the top half, decoder 1 the bottom
-    split = one.clone()
-    split[:, 1, :, 2:, :2], split[:, 2, :, 2:, :2] = 0, 1  # decoder 2 takes half of decoder 1's region
-    for p in (0.3, 0.5, 0.9):
-        assert mask_sparsity_term(one, p) < mask_sparsity_term(split, p)
-    assert mask_sparsity_term(one, 0.5).item() == pytest.approx(2 * 0.501**0.5 + 1e-3**0.5, rel=1e-5)
-    for bad in (dict(mask_sparsity=-1.0), dict(mask_sparsity_power=1.0), dict(mask_sparsity_power=0.0)):
-        with pytest.raises(MedgenError, match="mask_sparsity"):
-            create_step("parallel-vae", **bad)
-
-
-def test_mask_sparsity_empties_the_decoders_an_image_does_not_need():
-    # two flat colour regions and 4 decoders: with the penalty the spare decoders end with (nearly) no area
-    x = torch.full((4, 3, 16, 16), -0.6)
-    x[:, :, :, 8:] = 0.5
-    areas = {}
-    for s in (0.0, 0.05):
-        torch.manual_seed(0)
-        model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=16, num_decoders=4,
-                             latent_per_decoder=4, base_width=4, decoder="broadcast", decoder_width=8,
-                             decoder_layers=2, appearance_size=1)
-        step = create_step("parallel-vae", kl_start=0.0, kl_end=0.001, individual_multiplier=1.0,
-                           individual_exponent=1.0, mask_sparsity=s, kl_ramp=0.5)
-        history = _run_steps(model, step, x, lr=3e-3, iterations=80)
-        assert ("mask_sparsity" in history[-1]) == (s > 0)
-        with torch.no_grad():
-            areas[s] = model.eval()(x).weights.flatten(2).mean(dim=2).mean(dim=0)  # [K]
-    spare = {s: a.sort().values[:2].sum().item() for s, a in areas.items()}  # the two smallest decoders' share
-    assert spare[0.05] < 0.05 and spare[0.05] < spare[0.0]
 
 
 def test_concave_kl_exponent_prefers_fewer_decoders_in_use_and_keeps_gradients_finite():

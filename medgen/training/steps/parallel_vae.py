@@ -1,7 +1,6 @@
 """Training step of the parallel-decoder VAE: reconstruction + scheduled, per-decoder KL (DESIGN.md section 6).
 
-    loss = R + g(t) * sum_k (m * KL_k / n) ** e + s(t) * mean_images sum_k (a_k + eps) ** p
-
+    loss = R + g(t) * sum_k (m * KL_k / n) ** e
 
 R, the reconstruction term per input element, is one of (`likelihood`):
 - "mse": mean((recon - x)^2), the error of the weighted sum recon = sum_k w_k image_k;
@@ -16,15 +15,9 @@ with n the number of input elements (C * prod(S)), KL_k the KL divergence of dec
 input element, so the weights transfer between 128^2 x 3 scenes and 64^3 volumes. An exponent > 1
 penalises one decoder holding much information more than several holding a little, which pushes the
 decoders to share the scene; an exponent < 1 does the opposite (each decoder in use costs about the same
-whatever it holds, so an unused one is pushed to the prior instead of taking part of an object). (Reference settings that summed raw KL, g_ref, convert as g = g_ref * n**e.)
-
-The last term (`mask_sparsity` s > 0; off by default) is a concave penalty on each decoder's soft mask area
-a_k (the mean of its weights over the image): with p < 1 one decoder holding a region costs less than two
-holding halves of it, so a decoder the image does not need is pushed to an empty mask instead of taking part
-of an object. The reconstruction is blind to such splits (two decoders of one colour redraw an object as well
-as one), and splits were the commonest error of the scenes preset. s ramps in linearly from 0 at a fraction
-`mask_sparsity_start` of the run over the next `kl_ramp`: from the start, the penalty keeps objects in the
-background decoders (a new segment has to grow from an empty mask, where the penalty is steepest).
+whatever it holds, so an unused one is pushed to the prior instead of taking part of an object; on the
+scenes it left more objects merged and scored lower). (Reference settings that summed raw KL, g_ref, convert
+as g = g_ref * n**e.)
 """
 
 from __future__ import annotations
@@ -97,20 +90,6 @@ def kl_term(kl: torch.Tensor, *, elements: int, multiplier: float, individual_mu
     return multiplier * scaled.pow(individual_exponent).sum()
 
 
-MASK_EPS = 1e-3  # keeps the gradient of (a + eps) ** p finite at an empty mask
-
-
-def mask_sparsity_term(weights: torch.Tensor, power: float) -> torch.Tensor:
-    """mean over images of sum_k (a_k + eps) ** p, a_k the soft area of decoder k (mean weight over pixels).
-
-    Args:
-        weights: decoder weights [B, K, 1, *S] (softmax over K).
-        power: p in (0, 1): the smaller, the more one decoder per region is favoured over several.
-    """
-    area = weights.float().flatten(2).mean(dim=2)  # [B, K, 1 * prod(S)] -> [B, K]
-    return (area + MASK_EPS).pow(power).sum(dim=1).mean()
-
-
 @register_step(ParallelVAE)
 @dataclass
 class ParallelVAEStep(Step):
@@ -144,9 +123,6 @@ class ParallelVAEStep(Step):
     beta2: float = 0.999
     lr_warmup: int = 0
     lr_final: float = 1.0
-    mask_sparsity: float = 0.0
-    mask_sparsity_power: float = 0.5
-    mask_sparsity_start: float = 0.0
 
     def __post_init__(self) -> None:
         what = "steps.parallel-vae"
@@ -160,12 +136,6 @@ class ParallelVAEStep(Step):
             raise MedgenError(f"{what}: lr_final must be in (0, 1], got {self.lr_final}")
         if not self.individual_exponent > 0:
             raise MedgenError(f"{what}: individual_exponent must be > 0, got {self.individual_exponent}")
-        if self.mask_sparsity < 0:
-            raise MedgenError(f"{what}: mask_sparsity must be >= 0, got {self.mask_sparsity}")
-        if not 0 < self.mask_sparsity_power < 1:
-            raise MedgenError(f"{what}: mask_sparsity_power must be in (0, 1), got {self.mask_sparsity_power}")
-        if not 0 <= self.mask_sparsity_start < 1:
-            raise MedgenError(f"{what}: mask_sparsity_start must be in [0, 1), got {self.mask_sparsity_start}")
         if not 0 < self.kl_ramp <= 1:
             raise MedgenError(f"{what}: kl_ramp must be in (0, 1], got {self.kl_ramp}")
 
@@ -204,13 +174,6 @@ class ParallelVAEStep(Step):
         kl_loss = kl_term(kl, elements=x[0].numel(), multiplier=g, individual_multiplier=self.individual_multiplier,
                           individual_exponent=self.individual_exponent)
         loss = recon + kl_loss
-        logs = {}
-        if self.mask_sparsity:
-            begin = int(self.mask_sparsity_start * ctx.total_iterations)
-            s = kl_multiplier(0.0, self.mask_sparsity, ctx.iteration - begin, ctx.total_iterations, self.kl_ramp)
-            sparsity = mask_sparsity_term(out.weights, self.mask_sparsity_power)
-            loss = loss + s * sparsity
-            logs["mask_sparsity"] = sparsity.detach()
         ctx.backward_step(loss, opt["vae"], "vae")
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.sum().detach(),
-                "kl_term": kl_loss.detach(), "kl_mult": torch.tensor(g), **logs}
+                "kl_term": kl_loss.detach(), "kl_mult": torch.tensor(g)}
