@@ -97,19 +97,18 @@ def object_pixel_roles(true: Any, pred: Any, background_ids: Sequence[int], num_
     "other_object" when the decoder owns another object (a merge, or bleeding across a border) and "spare" when
     the decoder owns no region (the object split with a decoder that holds nothing whole).
     """
-    t, p = _flat(true).astype(np.int64), _flat(pred).astype(np.int64)
-    owner = {int(v): int(np.bincount(p[t == v], minlength=num_decoders).argmax()) for v in np.unique(t)}
-    bg = set(background_ids)
-    bg_dec = {d for v, d in owner.items() if v in bg}
+    ids = [int(v) for v in np.unique(_flat(true))]
+    won, _, _ = overlap_table(pred, true, num_decoders, ids)  # [K, regions] pixels of each region per decoder
+    owner = won.argmax(axis=0)  # [regions]
+    is_bg = np.isin(ids, list(background_ids))
+    bg_dec = set(owner[is_bg].tolist())
     counts = np.zeros(len(OBJECT_PIXEL_ROLES), dtype=np.int64)
-    for v, d in owner.items():
-        if v in bg:
-            continue
-        won = np.bincount(p[t == v], minlength=num_decoders)  # [K] this object's pixels per decoder
-        others = {dd for vv, dd in owner.items() if vv != v and vv not in bg}
-        for j in np.flatnonzero(won):
-            role = 1 if j in bg_dec else 0 if j == d else 2 if j in others else 3
-            counts[role] += won[j]
+    objects = np.flatnonzero(~is_bg)
+    for r in objects:
+        others = {owner[o] for o in objects if o != r}  # decoders owning another object
+        for j in np.flatnonzero(won[:, r]):
+            role = 1 if j in bg_dec else 0 if j == owner[r] else 2 if j in others else 3
+            counts[role] += int(won[j, r])
     return counts
 
 

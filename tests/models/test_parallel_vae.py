@@ -7,12 +7,7 @@ from medgen.errors import MedgenError
 from medgen.models import create_model
 from medgen.runtime import resolve_precision
 from medgen.training.steps import Batch, StepContext, create_step
-from medgen.training.steps.parallel_vae import (
-    kl_multiplier,
-    kl_per_decoder,
-    kl_term,
-    mixture_nll,
-)
+from medgen.training.steps.parallel_vae import kl_multiplier, kl_per_decoder, kl_term, mixture_nll
 
 
 @pytest.mark.parametrize("dims", [2, 3])
