@@ -7,7 +7,13 @@ from medgen.errors import MedgenError
 from medgen.models import create_model
 from medgen.runtime import resolve_precision
 from medgen.training.steps import Batch, StepContext, create_step
-from medgen.training.steps.parallel_vae import kl_multiplier, kl_per_decoder, kl_term, mixture_nll
+from medgen.training.steps.parallel_vae import (
+    kl_multiplier,
+    kl_per_decoder,
+    kl_term,
+    mask_entropy,
+    mixture_nll,
+)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -461,3 +467,36 @@ def test_concave_kl_exponent_prefers_fewer_decoders_in_use_and_keeps_gradients_f
     assert value.item() == 0.0 and torch.isfinite(kl.grad).all() and (kl.grad > 0).all()
     with pytest.raises(MedgenError, match="individual_exponent"):
         create_step("parallel-vae", individual_exponent=0.0)
+
+
+def test_mask_entropy_is_zero_for_one_decoder_per_pixel_and_log_k_for_even_blends():
+    hard = torch.zeros(2, 4, 1, 3, 3)
+    hard[:, 1] = 1
+    assert mask_entropy(hard).item() == pytest.approx(0.0, abs=1e-6)
+    assert mask_entropy(torch.full((2, 4, 1, 3, 3), 0.25)).item() == pytest.approx(np.log(4), rel=1e-5)
+    for bad in (dict(mask_entropy=-0.1), dict(mask_entropy_start=1.0)):
+        with pytest.raises(MedgenError, match="mask_entropy"):
+            create_step("parallel-vae", **bad)
+
+
+def test_mask_entropy_term_ramps_in_late_and_hardens_the_masks():
+    # two flat colour regions and 3 decoders: with the term on from half the run the final masks are harder
+    x = torch.full((4, 3, 16, 16), -0.6)
+    x[:, :, :, 8:] = 0.5
+    entropy = {}
+    for h in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = create_model("parallel-vae", spatial_dims=2, in_channels=3, image_size=16, num_decoders=3,
+                             latent_per_decoder=4, base_width=4, decoder="broadcast", decoder_width=8,
+                             decoder_layers=2, appearance_size=1)
+        step = create_step("parallel-vae", kl_start=0.0, kl_end=0.001, individual_multiplier=1.0,
+                           individual_exponent=1.0, mask_entropy=h, mask_entropy_start=0.5)
+        history = _run_steps(model, step, x, lr=3e-3, iterations=80)
+        if h:
+            mults = [r["entropy_mult"] for r in history]
+            assert mults[39] == 0.0 and 0 < mults[43] < h and mults[-1] == pytest.approx(h)
+        else:
+            assert "mask_entropy" not in history[-1]
+        with torch.no_grad():
+            entropy[h] = mask_entropy(model.eval()(x).weights).item()
+    assert entropy[0.2] < 0.5 * entropy[0.0]
