@@ -21,8 +21,8 @@ as g = g_ref * n**e.)
 
 The last term (`mask_entropy` h > 0; off by default) is the entropy of each pixel's decoder weights w, averaged
 over the pixels: it pushes every pixel to one decoder. The weighted-sum MSE is blind to blends, and on the
-scenes a quarter of the object pixels were shared between decoders (max weight < 0.6), often two decoders of
-different shades splitting one object. h starts at 0 at a fraction `mask_entropy_start` of the run and ramps
+scenes a quarter of the object pixels were shared between decoders (max weight < 0.6) and an eighth went to
+decoders that own no region (split objects). h starts at 0 at a fraction `mask_entropy_start` of the run and ramps
 in linearly over the next tenth: from the start, hard masks would freeze the decoders' first, arbitrary
 regions before the slots have bound to objects.
 """
