@@ -201,8 +201,8 @@ class ParallelVAEStep(Step):
         loss = recon + kl_loss
         logs = {}
         if self.mask_entropy:
-            begin = self.mask_entropy_start * ctx.total_iterations
-            h = self.mask_entropy * min(max((ctx.iteration - begin) / (0.1 * ctx.total_iterations), 0.0), 1.0)
+            since = ctx.iteration - int(self.mask_entropy_start * ctx.total_iterations)
+            h = kl_multiplier(0.0, self.mask_entropy, since, ctx.total_iterations, ramp=0.1)  # 0, then linear over a tenth
             entropy = mask_entropy(out.weights)
             loss = loss + h * entropy
             logs = {"mask_entropy": entropy.detach(), "entropy_mult": torch.tensor(h)}
